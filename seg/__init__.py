@@ -1,0 +1,27 @@
+"""seg: plugin-based 3D CT organ segmentation.
+
+Public API:
+
+- ``seg.hookimpl``: the marker plugin authors decorate their ``register_*`` functions with.
+- ``seg.predict_image(image, run_dir)``: segment a SimpleITK image in memory (see ``seg.core.predict``).
+"""
+
+import pluggy
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("seg")
+
+
+def predict_image(image, run, **options):
+    """Segment a SimpleITK ``image`` with the model saved in the run folder ``run``.
+
+    Returns a uint8 SimpleITK label map on exactly the grid of ``image``. Options are those of
+    ``seg predict`` (``device``, ``precision``, ``overlap``...).
+    """
+    from seg.core.predict import predict_image as _predict_image
+
+    return _predict_image(image, run, **options)
+
+
+__all__ = ["hookimpl", "predict_image", "__version__"]

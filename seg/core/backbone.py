@@ -1,0 +1,40 @@
+"""The backbone protocol that SSL pretext tasks rely on, in one place.
+
+A backbone is any ``torch.nn.Module`` mapping (B, in, D, H, W) to (B, out, D, H, W). One that can be
+pretrained also splits into an encoder and a decoder:
+
+- ``encode(x) -> list[Tensor]``: the feature maps of every resolution level, finest first; the last
+  one is the deepest (bottleneck) feature map that contrastive losses pool.
+- ``decode(features) -> Tensor``: the output logits from such a list (skips included).
+- ``encoder_modules() -> list[str]``: the names (``named_children`` keys) of the submodules that make up the
+  encoder; everything else belongs to the decoder. SSL tasks copy these for momentum encoders, and
+  ``finetune --init`` reports what it loaded per part.
+- ``forward(x) == decode(encode(x))``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class EncoderDecoder(Protocol):
+    """A backbone an SSL task can pretrain (see the module docstring)."""
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def encoder_modules(self) -> list[str]: ...
+
+
+def is_encoder_key(backbone: EncoderDecoder, state_key: str) -> bool:
+    """Whether a ``state_dict`` key of ``backbone`` belongs to its encoder."""
+    return state_key.split(".", 1)[0] in set(backbone.encoder_modules())
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """The number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

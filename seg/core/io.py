@@ -1,0 +1,163 @@
+"""Reading images (NIfTI, NRRD, MHA, a DICOM series folder) and writing any output atomically.
+
+Every reader checks the header before it allocates: a file that claims more than ``MAX_VOXELS`` voxels,
+or that is not 3D, is refused with one line naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import attrs
+import SimpleITK as sitk
+
+from seg.core.errors import DataError
+
+#: Refuse images larger than this many voxels (2 giga-voxels, about a 1024 x 1024 x 2000 scan).
+MAX_VOXELS = int(os.environ.get("SEG_MAX_VOXELS", 2 * 1024**3))
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def image_suffix(path: Path) -> str | None:
+    """The known image suffix of ``path`` (``.nii.gz``...), or None."""
+    name = path.name.lower()
+    return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
+
+
+def case_name(path: Path) -> str:
+    """The file name without its image suffix (a DICOM folder keeps its name)."""
+    suffix = image_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+@attrs.frozen
+class Geometry:
+    """Where a 3D image lies in space: size (x, y, z), spacing (mm), origin (mm), direction (row-major 3x3)."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        """The geometry of a SimpleITK image."""
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def matches(self, other: "Geometry", tol: float = 1e-4) -> bool:
+        """Same size, and spacing, origin and direction equal within ``tol`` (relative for spacing)."""
+        return (
+            self.size == other.size
+            and all(abs(a - b) <= tol * max(1.0, abs(a)) for a, b in zip(self.spacing, other.spacing))
+            and all(abs(a - b) <= tol * max(1.0, abs(a)) for a, b in zip(self.origin, other.origin))
+            and all(abs(a - b) <= tol for a, b in zip(self.direction, other.direction))
+        )
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Stamp this geometry's spacing, origin and direction onto ``image`` (same size required)."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def _dicom_files(folder: Path) -> list[str]:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise DataError(f"{folder}: folder holds no image file and no DICOM series")
+    if len(series) > 1:
+        raise DataError(f"{folder}: folder holds {len(series)} DICOM series; give one series per folder")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+
+
+def read_header(path: str | os.PathLike) -> tuple[tuple[int, ...], int]:
+    """The size and number of components an image file claims, read without loading its pixels."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(_dicom_files(path)[0] if path.is_dir() else str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DataError(f"{path}: not a readable image ({_first_line(exc)})") from None
+    size = reader.GetSize()
+    if path.is_dir():
+        size = (*size[:2], len(_dicom_files(path)))
+    return size, reader.GetNumberOfComponents()
+
+
+def _first_line(exc: Exception) -> str:
+    """The informative part of a SimpleITK exception (its ``sitk::ERROR:`` line)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in lines:
+        if "ERROR:" in line:
+            return line.split("ERROR:", 1)[1].strip()
+    return lines[-1] if lines else "unknown error"
+
+
+def read_image(path: str | os.PathLike, pixel_type=None) -> sitk.Image:
+    """Read a 3D scalar image file or DICOM series folder; refuse 2D, 4D, vector and oversized images."""
+    path = Path(path)
+    size, components = read_header(path)
+    if len(size) != 3 or (len(size) == 4 and size[3] == 1):
+        raise DataError(f"{path}: a {len(size)}D image; expected a 3D volume")
+    if min(size) < 1:
+        raise DataError(f"{path}: empty image of size {size}")
+    if components != 1:
+        raise DataError(f"{path}: {components} components per voxel; expected a scalar image")
+    voxels = size[0] * size[1] * size[2]
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{path}: header claims {voxels} voxels {size}, above the limit of {MAX_VOXELS} (SEG_MAX_VOXELS)")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(_dicom_files(path))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise DataError(f"{path}: could not read the image ({_first_line(exc)})") from None
+    if image.GetDimension() != 3:
+        raise DataError(f"{path}: a {image.GetDimension()}D image; expected a 3D volume")
+    spacing = image.GetSpacing()
+    if not all(1e-3 <= s <= 1e3 for s in spacing):
+        raise DataError(f"{path}: implausible voxel spacing {tuple(round(s, 6) for s in spacing)} mm")
+    if pixel_type is not None:
+        image = sitk.Cast(image, pixel_type)
+    return image
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``, else delete it.
+
+    Readers never see a half-written ``target``: it either keeps its old content or gets the new one whole.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = suffix if suffix is not None else (image_suffix(target) or target.suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
+    """Write ``image`` to ``path`` atomically (format from the suffix)."""
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
