@@ -4,7 +4,7 @@
 backbone as ``self.backbone`` plus whatever else it trains or keeps (momentum encoders, projection heads,
 queues as buffers, so they are checkpointed with ``state_dict``). The pretraining loop calls:
 
-- ``training_step(batch) -> (loss, metrics)`` with ``batch`` a float tensor (B, 1, D, H, W) of
+- ``training_step(batch) -> (loss, metrics)`` (``forward`` calls it, so DDP can wrap the task) with ``batch`` a float tensor (B, 1, D, H, W) of
   preprocessed unlabeled patches; ``metrics`` maps names to floats for logging;
 - ``after_optimizer_step()`` after each optimizer step (momentum updates, queue updates);
 - ``backbone.state_dict()`` is what ``seg run finetune --init`` loads.
@@ -25,6 +25,10 @@ class SSLTask(torch.nn.Module):
     def training_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the loss to minimise and metrics to log for one batch of unlabeled patches."""
         raise NotImplementedError
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Same as ``training_step``: DistributedDataParallel synchronises gradients only through ``forward``."""
+        return self.training_step(batch)
 
     def after_optimizer_step(self) -> None:
         """Called once after every optimizer step; default does nothing."""

@@ -1,0 +1,116 @@
+"""The supervised stage: ``seg run finetune``.
+
+Patches as in the paper (whole slices, a random run of slices along the body axis, each holding some
+foreground), the configured loss, Adam + MultiStepLR, validation on held-out cases through the real inferer
+every ``val_every`` epochs, ``checkpoint_latest`` / ``checkpoint_best``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seg.core import distributed, plugins
+from seg.core.config import Experiment, experiment_toml
+from seg.core.console import info, log_to
+from seg.core.data import labeled_cases
+from seg.core.inference import resolve_device
+from seg.core.metrics import dice
+from seg.core.model import build_backbone, describe_backbone, load_pretrained
+from seg.core.patches import augment, foreground_slices, sample_patch
+from seg.core.runs import open_run_dir
+from seg.core.train import BEST, TrainingLoop, build_optimizer, build_scheduler, seed_everything
+
+
+def split_cases(names: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A deterministic train/validation split; with a single case, it is used for both."""
+    order = sorted(names)
+    np.random.default_rng(seed).shuffle(order)
+    if len(order) < 2:
+        return order, order
+    n_val = min(len(order) - 1, max(1, round(fraction * len(order))))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def validate(network, cases, inferer, device, num_classes: int) -> dict[str, float]:
+    """Mean Dice per class value over ``cases`` (preprocessed grid), through the experiment's inferer."""
+    network.eval()
+    scores = {c: [] for c in range(1, num_classes)}
+    for case in cases:
+        image = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None, None]
+        labels = inferer(network, image, device=device, precision="fp32").argmax(0).numpy()
+        truth = np.asarray(case.label)
+        for c in scores:
+            scores[c].append(dice(labels == c, truth == c))
+    return {f"val_dice_{c}": float(np.mean(v)) for c, v in scores.items()}
+
+
+def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None = None, resume: bool = False,
+             device: str = "auto", workers: int = 1, epochs: int | None = None) -> Path:
+    """Fine-tune ``exp``'s backbone on the labeled cases of ``data`` into the run folder ``out``."""
+    exp = open_run_dir(out, exp, resume)
+    dev = resolve_device(device)
+    distributed.init_from_env(dev)
+    with log_to(Path(out) / "log.txt"):
+        dataset, cases = labeled_cases(Path(data), exp, workers)
+        cfg = exp.finetune
+        generator = seed_everything(exp.seed + distributed.rank())
+        train_names, val_names = split_cases([c.name for c in cases], cfg.val_fraction, exp.seed)
+        train = [c for c in cases if c.name in train_names]
+        val = [c for c in cases if c.name in val_names]
+        info(f"fine-tuning on {len(train)} cases, validating on {len(val)}: {', '.join(val_names)}")
+        fg = {c.name: foreground_slices(np.asarray(c.label)) for c in train}
+        num_classes = dataset.num_classes
+        network = build_backbone(exp.backbone, 1, num_classes).to(dev)
+        described = describe_backbone(exp.backbone, 1, num_classes)
+        if init is not None and not resume:
+            load_pretrained(network, Path(init), described)
+        model = network
+        if distributed.world_size() > 1:
+            model = torch.nn.parallel.DistributedDataParallel(network)
+        loss_fn = plugins.get("losses", cfg.loss.name)(num_classes, **cfg.loss.options)
+        inferer = plugins.get("inferers", exp.predict.inferer.name)(**exp.predict.inferer.options)
+        optimizer = build_optimizer(network.parameters(), cfg.optimizer)
+        meta = {"kind": "finetune", "config": experiment_toml(exp), "backbone": described,
+                "labels": json.dumps(dataset.labels)}
+        steps = cfg.steps_per_epoch or max(1, len(train) // (cfg.batch_size * distributed.world_size()))
+        loop = TrainingLoop(run_dir=Path(out), module=model, optimizer=optimizer,
+                            scheduler=build_scheduler(optimizer, cfg.scheduler), device=dev,
+                            epochs=cfg.epochs if epochs is None else epochs, steps_per_epoch=steps,
+                            generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every)
+        best = {"score": -1.0}
+        if resume:
+            loop.resume()
+            best["score"] = max([r.get("val_mean_dice", -1.0) for r in loop.history] + [-1.0])
+
+        def compute_loss():
+            images, labels = [], []
+            for _ in range(cfg.batch_size):
+                case = train[int(generator.integers(len(train)))]
+                image, label = sample_patch(np.asarray(case.image), np.asarray(case.label), cfg.patch_size,
+                                            generator, fg[case.name])
+                image, label = augment(image, label, cfg.augment, generator)
+                images.append(image)
+                labels.append(label)
+            x = torch.from_numpy(np.stack(images))[:, None].to(dev)
+            y = torch.from_numpy(np.stack(labels)).to(dev)
+            return loss_fn(model(x), y), {}
+
+        def on_epoch_end(epoch: int):
+            if epoch % cfg.val_every and epoch != loop.epochs:
+                return None
+            scores = validate(network, val, inferer, dev, num_classes)
+            scores["val_mean_dice"] = float(np.mean(list(scores.values())))
+            if scores["val_mean_dice"] > best["score"]:
+                best["score"] = scores["val_mean_dice"]
+                loop.save(BEST)
+            return scores
+
+        loop.run(compute_loss, on_epoch_end=on_epoch_end, description="fine-tuning")
+        if not (Path(out) / BEST).exists():
+            loop.save(BEST)
+    distributed.barrier()
+    return Path(out)

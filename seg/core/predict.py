@@ -1,0 +1,169 @@
+"""The prediction driver: read -> preprocess -> inferer -> postprocess -> inverse -> write.
+
+Every label map lands on exactly its input's grid (size, spacing, origin, direction). Folders are processed
+case by case: outputs are written atomically, finished cases are skipped on a rerun, and one unreadable case
+is reported without stopping the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from seg.core import plugins
+from seg.core.checkpoint import load_checkpoint
+from seg.core.config import Experiment, load_experiment
+from seg.core.console import info, progress_bar
+from seg.core.dataset import list_images
+from seg.core.errors import CheckpointError, DataError, SegError
+from seg.core.inference import resolve_device, resolve_precision
+from seg.core.io import atomic_path, case_name, image_suffix, read_image, write_image
+from seg.core.model import build_backbone, check_same_backbone, describe_backbone
+from seg.core.preprocessing import Sample, build_pipeline, invert_labels, run_pipeline, to_array
+from seg.core.runs import CONFIG
+
+
+@attrs.frozen
+class Predictor:
+    """A trained model ready to segment images: network, preprocessing, inferer and postprocessing."""
+
+    experiment: Experiment
+    network: torch.nn.Module
+    labels: dict
+    pipeline: list
+    inferer: object
+    postprocessors: list
+    device: torch.device
+    precision: str
+
+    def scores(self, image: sitk.Image):
+        """Class scores (K, z, y, x) on the preprocessed grid, and the records that invert the preprocessing."""
+        sample, records = run_pipeline(self.pipeline, Sample(image))
+        tensor = torch.from_numpy(to_array(sample.image))[None, None]
+        scores = self.inferer(self.network, tensor, device=self.device, precision=self.precision)
+        return scores, records
+
+    def labels_for(self, image: sitk.Image, scores=None, records=None) -> sitk.Image:
+        """The uint8 label map of ``image`` on exactly its grid."""
+        if scores is None:
+            scores, records = self.scores(image)
+        labels = scores.argmax(0).numpy().astype(np.uint8)
+        for post in self.postprocessors:
+            labels = post(labels)
+        return invert_labels(self.pipeline, labels, records)
+
+
+def load_predictor(run: Path, device: str = "auto", precision: str | None = None,
+                   overlap: float | None = None) -> Predictor:
+    """Load a fine-tuning run folder (its ``config.toml`` and best, else latest, checkpoint)."""
+    run = Path(run)
+    if not (run / CONFIG).is_file():
+        raise SegError(f"--model {run}: not a run folder (no {CONFIG})")
+    exp = load_experiment(str(run / CONFIG))
+    path = run / "checkpoint_best.pt"
+    if not path.exists():
+        path = run / "checkpoint_latest.pt"
+    state = load_checkpoint(path)
+    if state.get("kind") != "finetune":
+        raise CheckpointError(f"{path}: a {state.get('kind')} checkpoint; prediction needs a fine-tuning run")
+    saved = state["backbone"]
+    check_same_backbone(path, saved, describe_backbone(exp.backbone, 1, saved["out_channels"]))
+    network = build_backbone(exp.backbone, 1, saved["out_channels"])
+    try:
+        network.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit its backbone ({str(exc).splitlines()[0]})") from None
+    dev = resolve_device(device)
+    network.to(dev).eval()
+    options = dict(exp.predict.inferer.options)
+    if overlap is not None:
+        options["overlap"] = overlap
+    inferer = plugins.get("inferers", exp.predict.inferer.name)(**options)
+    posts = [plugins.get("inferers", c.name)(**c.options) for c in exp.predict.postprocess]
+    prec = resolve_precision(precision or exp.predict.precision, dev)
+    return Predictor(exp, network, json.loads(state["labels"]), build_pipeline(
+        [(c.name, dict(c.options)) for c in exp.preprocess]), inferer, posts, dev, prec)
+
+
+def predict_image(image: sitk.Image, run: Path, **options) -> sitk.Image:
+    """Segment an in-memory SimpleITK image with the run folder's model (the notebook API)."""
+    return load_predictor(Path(run), **options).labels_for(image)
+
+
+def output_path(input_path: Path, output: Path, single: bool) -> Path:
+    """Where the label map of ``input_path`` goes: ``output`` itself for a single input named like an image,
+    else ``output/CASE.nii.gz`` (nnU-Net's ``_0000`` channel suffix dropped). Names cannot leave ``output``."""
+    if single and image_suffix(output):
+        return output
+    name = case_name(input_path)
+    if name.endswith("_0000"):
+        name = name[:-5]
+    name = Path(name).name
+    if name in ("", ".", ".."):
+        raise DataError(f"{input_path}: cannot derive a safe output name")
+    return output / f"{name}.nii.gz"
+
+
+def _inputs(input_path: Path) -> tuple[list[Path], bool]:
+    """The images under ``input_path`` and whether it is a single image (a file or one DICOM series folder)."""
+    if not input_path.exists():
+        raise DataError(f"-i {input_path}: no such file or folder")
+    if input_path.is_file():
+        return [input_path], True
+    if not any(image_suffix(p) or p.is_dir() for p in input_path.iterdir()):
+        return [input_path], True
+    cases = list_images(input_path)
+    if not cases:
+        raise DataError(f"-i {input_path}: no images in this folder")
+    return [c.image for c in cases], False
+
+
+def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool = False,
+                  save_probabilities: bool = False, preview: bool = False, **options) -> dict:
+    """Segment a file, a DICOM series folder or a folder of images; returns counts done/skipped/failed."""
+    inputs, single = _inputs(Path(input_path))
+    output = Path(output)
+    if output.exists() and output.is_file() and not (single and image_suffix(output)):
+        raise DataError(f"-o {output}: is a file; give a folder for the label maps")
+    predictor = load_predictor(run, **options)
+    summary = {"done": 0, "skipped": 0, "failed": []}
+    with progress_bar("predicting", len(inputs)) as advance:
+        for path in inputs:
+            target = output_path(path, output, single)
+            if target.exists() and not overwrite:
+                summary["skipped"] += 1
+                advance(1)
+                continue
+            try:
+                image = read_image(path)
+                scores, records = predictor.scores(image)
+                labels = predictor.labels_for(image, scores, records)
+            except DataError as exc:
+                if single:
+                    raise
+                summary["failed"].append(str(exc))
+                info(f"[red]{exc}")
+                advance(1)
+                continue
+            write_image(sitk.Cast(labels, sitk.sitkUInt8), target)
+            if save_probabilities:
+                save_scores(scores, records, target.with_name(target.name.replace(".nii.gz", ".npz")))
+            if preview:
+                from seg.core.preview import write_preview
+
+                write_preview(image, labels, target.with_name(target.name.replace(".nii.gz", ".png")))
+            summary["done"] += 1
+            advance(1)
+    return summary
+
+
+def save_scores(scores: torch.Tensor, records: list, path: Path) -> None:
+    """Class probabilities on the preprocessed grid (float16, compressed) with the records that invert them."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, probabilities=scores.to(torch.float16).numpy(), records=json.dumps(records))

@@ -1,0 +1,69 @@
+"""The self-supervised stage: ``seg run pretrain``.
+
+Random patches of unlabeled scans feed the experiment's SSL task, which owns the backbone (built with one
+output channel: reconstruction tasks predict the image). The checkpoint's ``backbone.*`` weights are what
+``seg run finetune --init`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seg.core import distributed, plugins
+from seg.core.config import Experiment, experiment_toml
+from seg.core.console import log_to
+from seg.core.data import unlabeled_cases
+from seg.core.errors import ConfigError
+from seg.core.inference import resolve_device
+from seg.core.model import build_backbone, describe_backbone
+from seg.core.patches import sample_patch
+from seg.core.runs import open_run_dir
+from seg.core.train import TrainingLoop, build_optimizer, build_scheduler, seed_everything
+
+PRETRAIN_OUTPUTS = 1
+
+
+def pretrain(data: Path, out: Path, exp: Experiment | None, *, resume: bool = False, device: str = "auto",
+             workers: int = 1, epochs: int | None = None) -> Path:
+    """Pretrain ``exp``'s backbone with its SSL task on the unlabeled scans of ``data`` into ``out``."""
+    if exp is not None and exp.pretrain is None:
+        raise ConfigError(f"experiment {exp.name!r} has no pretraining stage (pretrain = false)")
+    exp = open_run_dir(out, exp, resume)
+    dev = resolve_device(device)
+    distributed.init_from_env(dev)
+    cfg = exp.pretrain
+    with log_to(Path(out) / "log.txt"):
+        dataset, cases = unlabeled_cases(Path(data), exp, workers)
+        generator = seed_everything(exp.seed + distributed.rank())
+        backbone = build_backbone(exp.backbone, 1, PRETRAIN_OUTPUTS)
+        task = plugins.get("ssl_tasks", cfg.ssl.name)(backbone, **cfg.ssl.options).to(dev)
+        model = task
+        if distributed.world_size() > 1:
+            model = torch.nn.parallel.DistributedDataParallel(task)
+        optimizer = build_optimizer([p for p in task.parameters() if p.requires_grad], cfg.optimizer)
+        meta = {"kind": "pretrain", "config": experiment_toml(exp), "ssl": cfg.ssl.name,
+                "backbone": describe_backbone(exp.backbone, 1, PRETRAIN_OUTPUTS),
+                "labels": json.dumps(dataset.labels)}
+        steps = cfg.steps_per_epoch or max(1, len(cases) // (cfg.batch_size * distributed.world_size()))
+        loop = TrainingLoop(run_dir=Path(out), module=model, optimizer=optimizer,
+                            scheduler=build_scheduler(optimizer, cfg.scheduler), device=dev,
+                            epochs=cfg.epochs if epochs is None else epochs, steps_per_epoch=steps,
+                            generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every)
+        if resume:
+            loop.resume()
+
+        def compute_loss():
+            patches = []
+            for _ in range(cfg.batch_size):
+                case = cases[int(generator.integers(len(cases)))]
+                patch, _ = sample_patch(np.asarray(case.image), None, cfg.patch_size, generator)
+                patches.append(patch)
+            return model(torch.from_numpy(np.stack(patches))[:, None].to(dev))
+
+        loop.run(compute_loss, after_step=task.after_optimizer_step, description=f"pretraining ({cfg.ssl.name})")
+    distributed.barrier()
+    return Path(out)

@@ -1,0 +1,192 @@
+"""The one training loop shared by pretraining and fine-tuning.
+
+The stage supplies ``compute_loss() -> (loss, metrics)`` for one batch; the loop owns the optimizer step
+(with AMP on CUDA), the scheduler, per-epoch metrics files, atomic checkpoints and exact resume: a
+checkpoint holds the module, optimizer, scheduler, scaler, epoch and every RNG state, so a run resumed from
+it ends with the same weights as one that never stopped (on CPU with a fixed seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from seg.core import distributed
+from seg.core.checkpoint import load_checkpoint, save_checkpoint
+from seg.core.config import Optimizer, Scheduler
+from seg.core.console import info, progress_bar
+from seg.core.errors import CheckpointError, SegError
+from seg.core.io import write_text
+
+LATEST = "checkpoint_latest.pt"
+BEST = "checkpoint_best.pt"
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed Python, numpy and torch; return the numpy generator the stage samples patches with."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def rng_state(generator: np.random.Generator) -> dict:
+    """Every random state a run depends on, as checkpoint-safe plain data."""
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(generator.bit_generator.state),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: np.random.Generator) -> None:
+    """Restore what ``rng_state`` captured."""
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    torch.set_rng_state(state["torch"])
+    generator.bit_generator.state = json.loads(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_optimizer(parameters, cfg: Optimizer) -> torch.optim.Optimizer:
+    """The configured optimizer over ``parameters``."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Scheduler):
+    """MultiStepLR stepped once per epoch (the paper: milestones [100, 200, 500], gamma 0.5)."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+
+
+class NonFiniteLoss(SegError):
+    """The loss became NaN or infinite; training stops rather than writing garbage."""
+
+    exit_code = 1
+
+
+class TrainingLoop:
+    """Epochs of ``steps_per_epoch`` optimizer steps, with checkpoints in ``run_dir``.
+
+    ``module`` is what gets checkpointed (the network, or the SSL task that owns it); ``meta`` is plain data
+    stored in every checkpoint (resolved config, backbone description, labels).
+    """
+
+    def __init__(self, *, run_dir: Path, module: torch.nn.Module, optimizer, scheduler, device: torch.device,
+                 epochs: int, steps_per_epoch: int, generator: np.random.Generator, meta: dict,
+                 checkpoint_every: int = 1):
+        self.run_dir = Path(run_dir)
+        self.module = module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = device
+        self.amp = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.generator = generator
+        self.meta = meta
+        self.checkpoint_every = max(1, checkpoint_every)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    def state(self) -> dict:
+        """The full checkpoint payload."""
+        module = getattr(self.module, "module", self.module)  # unwrap DistributedDataParallel
+        return {
+            **self.meta,
+            "model": module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "rng": rng_state(self.generator),
+            "history": json.dumps(self.history),
+        }
+
+    def save(self, name: str = LATEST) -> None:
+        """Write a checkpoint atomically (rank 0 only)."""
+        if distributed.is_main():
+            save_checkpoint(self.state(), self.run_dir / name)
+
+    def resume(self, path: Path | None = None) -> None:
+        """Continue from ``path`` (default: this run's latest checkpoint) exactly where it stopped."""
+        path = Path(path) if path else self.run_dir / LATEST
+        state = load_checkpoint(path)
+        if state.get("kind") != self.meta.get("kind"):
+            raise CheckpointError(f"{path}: a {state.get('kind')} checkpoint; cannot resume a {self.meta.get('kind')} run")
+        module = getattr(self.module, "module", self.module)
+        try:
+            module.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = json.loads(state["history"])
+        set_rng_state(state["rng"], self.generator)
+        info(f"resumed from {path} at epoch {self.epoch}")
+
+    def _write_metrics(self) -> None:
+        if not distributed.is_main() or not self.history:
+            return
+        write_text(json.dumps(self.history, indent=1), self.run_dir / "metrics.json")
+        columns = list(dict.fromkeys(k for row in self.history for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_text(buffer.getvalue(), self.run_dir / "metrics.csv")
+
+    def run(self, compute_loss: Callable[[], tuple[torch.Tensor, dict]],
+            after_step: Callable[[], None] | None = None,
+            on_epoch_end: Callable[[int], dict | None] | None = None, description: str = "training") -> None:
+        """Train from the current epoch to ``self.epochs``."""
+        if self.epoch == 0 and not (self.run_dir / LATEST).exists():
+            self.save()  # an initialised checkpoint: `--epochs 0` yields a usable model
+        total = (self.epochs - self.epoch) * self.steps_per_epoch
+        with progress_bar(description, total) as advance:
+            while self.epoch < self.epochs:
+                sums: dict[str, float] = defaultdict(float)
+                self.module.train()
+                for _ in range(self.steps_per_epoch):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                        loss, metrics = compute_loss()
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"{self.run_dir}: loss became {loss.item()} at epoch {self.epoch + 1}; "
+                                            "lower the learning rate or check the data")
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    if after_step is not None:
+                        after_step()
+                    for key, value in {"loss": loss.item(), **metrics}.items():
+                        sums[key] += float(value)
+                    advance(1, epoch=self.epoch + 1, loss=loss.item())
+                self.scheduler.step()
+                self.epoch += 1
+                record = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+                record.update({k: v / max(1, self.steps_per_epoch) for k, v in sums.items()})
+                if on_epoch_end is not None:
+                    record.update(on_epoch_end(self.epoch) or {})
+                self.history.append(record)
+                self._write_metrics()
+                if self.epoch % self.checkpoint_every == 0 or self.epoch == self.epochs:
+                    self.save()

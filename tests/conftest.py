@@ -1,0 +1,52 @@
+"""Shared fixtures: real CT location, temporary plugins, a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import seg
+
+from seg.core import plugins
+
+torch.set_num_threads(2)
+
+REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct"
+
+
+@pytest.fixture
+def real_ct() -> Path:
+    """The folder of real CT test data beside the checkout; skip when it is absent."""
+    if not (REAL_CT / "example_ct.nii.gz").exists():
+        pytest.skip(f"real CT test data not found at {REAL_CT}")
+    return REAL_CT
+
+
+@contextlib.contextmanager
+def extra_plugin(name: str, **hooks):
+    """Register a throwaway plugin module with the given hook functions, for the duration of a test."""
+    module = types.ModuleType(name)
+    for hook, function in hooks.items():
+        setattr(module, hook, seg.hookimpl(function))
+    pm = plugins.plugin_manager()
+    pm.register(module, name=name)
+    plugins._table.cache_clear()
+    try:
+        yield module
+    finally:
+        pm.unregister(name=name)
+        plugins._table.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset (4 labeled, 4 unlabeled phantoms), written once per test session."""
+    from seg.core.synth import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    write_synthetic_dataset(root, labeled=4, unlabeled=4, seed=0)
+    return root
