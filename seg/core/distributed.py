@@ -38,6 +38,15 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
+def gather_objects(value) -> list:
+    """``value`` from every rank, in rank order (a one-item list when not distributed)."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
     if world_size() > 1:

@@ -49,8 +49,9 @@ def validate(network, cases, inferer, device, num_classes: int) -> dict[str, flo
 
 
 def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None = None, resume: bool = False,
-             device: str = "auto", workers: int = 1, epochs: int | None = None) -> Path:
-    """Fine-tune ``exp``'s backbone on the labeled cases of ``data`` into the run folder ``out``."""
+             device: str = "auto", workers: int = 1, epochs: int | None = None) -> torch.nn.Module:
+    """Fine-tune ``exp``'s backbone on the labeled cases of ``data`` into the run folder ``out``; returns the
+    trained network (the run folder holds its checkpoints)."""
     exp = open_run_dir(out, exp, resume)
     dev = resolve_device(device)
     distributed.init_from_env(dev)
@@ -113,4 +114,4 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         if not (Path(out) / BEST).exists():
             loop.save(BEST)
     distributed.barrier()
-    return Path(out)
+    return network

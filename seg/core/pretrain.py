@@ -28,8 +28,9 @@ PRETRAIN_OUTPUTS = 1
 
 
 def pretrain(data: Path, out: Path, exp: Experiment | None, *, resume: bool = False, device: str = "auto",
-             workers: int = 1, epochs: int | None = None) -> Path:
-    """Pretrain ``exp``'s backbone with its SSL task on the unlabeled scans of ``data`` into ``out``."""
+             workers: int = 1, epochs: int | None = None) -> torch.nn.Module:
+    """Pretrain ``exp``'s backbone with its SSL task on the unlabeled scans of ``data`` into ``out``; returns
+    the SSL task (its ``backbone`` holds the pretrained weights)."""
     if exp is not None and exp.pretrain is None:
         raise ConfigError(f"experiment {exp.name!r} has no pretraining stage (pretrain = false)")
     exp = open_run_dir(out, exp, resume)
@@ -66,4 +67,4 @@ def pretrain(data: Path, out: Path, exp: Experiment | None, *, resume: bool = Fa
 
         loop.run(compute_loss, after_step=task.after_optimizer_step, description=f"pretraining ({cfg.ssl.name})")
     distributed.barrier()
-    return Path(out)
+    return task

@@ -115,14 +115,15 @@ class TrainingLoop:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
-            "rng": rng_state(self.generator),
+            "rng": distributed.gather_objects(rng_state(self.generator)),
             "history": json.dumps(self.history),
         }
 
     def save(self, name: str = LATEST) -> None:
-        """Write a checkpoint atomically (rank 0 only)."""
+        """Write a checkpoint atomically: every rank takes part (RNG states are gathered), rank 0 writes."""
+        state = self.state()
         if distributed.is_main():
-            save_checkpoint(self.state(), self.run_dir / name)
+            save_checkpoint(state, self.run_dir / name)
 
     def resume(self, path: Path | None = None) -> None:
         """Continue from ``path`` (default: this run's latest checkpoint) exactly where it stopped."""
@@ -140,7 +141,10 @@ class TrainingLoop:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
-        set_rng_state(state["rng"], self.generator)
+        rngs = state["rng"]
+        if len(rngs) != distributed.world_size():
+            raise CheckpointError(f"{path}: saved by {len(rngs)} process(es), resumed with {distributed.world_size()}")
+        set_rng_state(rngs[distributed.rank()], self.generator)
         info(f"resumed from {path} at epoch {self.epoch}")
 
     def _write_metrics(self) -> None:
