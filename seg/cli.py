@@ -221,6 +221,33 @@ def evaluate(pred, gt, out, tolerance, per_case):
 
 
 @cli.command()
+@click.option("--experiments", "names", default="flare22-pcrl-vnet,flare22-contrastive-vnet,flare22-scratch-vnet",
+              show_default=True, help="comma-separated experiment names")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="training dataset")
+@click.option("--test", "test_dir", type=click.Path(path_type=Path), default=None,
+              help="labeled test dataset (imagesTr/labelsTr); default DATA/imagesTs + DATA/labelsTs")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="study folder (report.md goes here)")
+@click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP + " (every experiment)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", default=1, show_default=True, help="preprocessing worker processes")
+def study(names, data_dir, test_dir, out, seeds, overrides, device, workers):
+    """Pretrain, fine-tune and evaluate several experiments on the same split; write OUT/report.md."""
+    from seg.core.study import run_study
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SegError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    experiments_ = [n.strip() for n in names.split(",") if n.strip()]
+    for name in experiments_:
+        _experiment(name, overrides)  # fail early on a bad name or override
+    report = run_study(experiments_, data_dir, out, seeds=seed_list, test=test_dir, overrides=overrides,
+                       device=device, workers=workers)
+    console.print(f"[green]report written to {report}")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plugins(as_json):
     """List every plugin: name, family, and the package that provides it."""
