@@ -44,7 +44,8 @@ def pretrain(data: Path, out: Path, exp: Experiment | None, *, resume: bool = Fa
         task = plugins.get("ssl_tasks", cfg.ssl.name)(backbone, **cfg.ssl.options).to(dev)
         model = task
         if distributed.world_size() > 1:
-            model = torch.nn.parallel.DistributedDataParallel(task)
+            # some tasks leave parts of the backbone unused (plain contrastive learning never decodes)
+            model = torch.nn.parallel.DistributedDataParallel(task, find_unused_parameters=True)
         optimizer = build_optimizer([p for p in task.parameters() if p.requires_grad], cfg.optimizer)
         meta = {"kind": "pretrain", "config": experiment_toml(exp), "ssl": cfg.ssl.name,
                 "backbone": describe_backbone(exp.backbone, 1, PRETRAIN_OUTPUTS),

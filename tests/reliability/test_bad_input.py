@@ -1,0 +1,241 @@
+"""Bad input gets one clear line, a documented exit code, no traceback and nothing half-written.
+
+Exit codes: 2 for a bad command line, option, name, configuration, input file or checkpoint; 1 for a check that
+found problems (`seg data check`) and for `seg predict` on a folder where some cases failed (the rest are written).
+
+Cases tried (34):
+ data check: missing path, empty dataset, truncated .nii.gz, text file as image, 2D image, 4D image, MR scan as CT,
+   constant intensities, NaN intensities, label geometry differs from image, label values not in dataset.json,
+   absurd spacing (0.0001 mm and 1e6 mm);
+ data synth: output path is a file;
+ data prepare: missing path, dataset with no labeled case (fine: prepares unlabeled), truncated labeled image;
+ run finetune: missing dataset, empty dataset, dataset with no labeled case, dataset failing the check,
+   unknown backbone, unknown experiment, unknown --set key, malformed experiment TOML, --out is a file,
+   --init checkpoint of another width, --init truncated checkpoint, --init checkpoint carrying code;
+ run pretrain: dataset with no unlabeled scan, experiment without pretraining;
+ predict: missing input, empty file, truncated .nii.gz, text file, 2D image, 4D image, gigantic header,
+   --model not a run folder, checkpoint truncated, checkpoint of another class count, output is a file;
+ evaluate: missing folders, prediction geometry differs from ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from tests.conftest import REAL_CT
+from tests.reliability.conftest import assert_one_line_error, ct_volume, gigantic_nifti, seg_cli, truncate, write
+
+
+def only(folder: Path, pattern: str) -> list[Path]:
+    return sorted(folder.glob(pattern))
+
+
+# ---------------------------------------------------------------- data check
+
+def _break(data: Path, how: str) -> str:
+    """Break one file of ``data``; return the file name the error must mention."""
+    image = only(data / "imagesTr", "*_0000.nii.gz")[0]
+    label = data / "labelsTr" / image.name.replace("_0000", "")
+    if how == "truncated":
+        truncate(image)
+    elif how == "text":
+        image.write_text("not an image")
+    elif how == "2d":
+        write(ct_volume((1, 40, 40))[0], image)
+    elif how == "4d":
+        sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(ct_volume()) for _ in range(2)]), str(image))
+    elif how == "mr":
+        shutil.copy(REAL_CT / "more" / "example_mr_sm.nii.gz", image)
+    elif how == "constant":
+        ref = sitk.ReadImage(str(image))
+        write(np.zeros(sitk.GetArrayFromImage(ref).shape, np.int16), image, like=ref)
+    elif how == "nan":
+        ref = sitk.ReadImage(str(image))
+        write(np.full(sitk.GetArrayFromImage(ref).shape, np.nan, np.float32), image, like=ref)
+    elif how == "geometry":
+        ref = sitk.ReadImage(str(label))
+        ref.SetOrigin([o + 25.0 for o in ref.GetOrigin()])
+        sitk.WriteImage(ref, str(label))
+        return label.name
+    elif how == "label_values":
+        ref = sitk.ReadImage(str(label))
+        arr = sitk.GetArrayFromImage(ref)
+        arr[arr == 1] = 77
+        write(arr, label, like=ref)
+        return label.name
+    elif how in ("spacing_tiny", "spacing_huge"):
+        ref = sitk.ReadImage(str(image))
+        ref.SetSpacing([1e-4 if how == "spacing_tiny" else 1e6] * 3)
+        sitk.WriteImage(ref, str(image))
+    return image.name
+
+
+@pytest.mark.parametrize("how", ["truncated", "text", "2d", "4d", "mr", "constant", "nan", "geometry",
+                                 "label_values", "spacing_tiny", "spacing_huge"])
+def test_data_check_reports_the_file_and_exits_1(dataset_copy, how, request):
+    if how == "mr":
+        request.getfixturevalue("real_ct")
+    name = _break(dataset_copy, how)
+    result = seg_cli("data", "check", dataset_copy)
+    assert result.returncode == 1, result.stderr
+    assert name in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_check_missing_and_empty(tmp_path):
+    assert_one_line_error(seg_cli("data", "check", tmp_path / "nope"), "nope")
+    (tmp_path / "empty").mkdir()
+    result = seg_cli("data", "check", tmp_path / "empty")
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+
+
+def test_synth_into_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert_one_line_error(seg_cli("data", "synth", tmp_path / "f", "--labeled", "1", "--unlabeled", "0"), "f")
+
+
+# ---------------------------------------------------------------- training
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--backbone", "vnett"], "unknown backbone 'vnett'"),
+    (["-e", "nope"], "unknown experiment 'nope'"),
+    (["--set", "finetune.epochs_=3"], "finetune.epochs_: unknown key"),
+    (["--set", "finetune.epochs=x"], "expected int"),
+])
+def test_finetune_bad_names_and_keys(synth_data, tmp_path, args, fragment):
+    result = seg_cli("run", "finetune", "--data", synth_data, "--out", tmp_path / "r", *args)
+    assert_one_line_error(result, fragment, codes=(2,))
+    assert not (tmp_path / "r").exists()
+
+
+def test_finetune_malformed_toml(synth_data, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[finetune\nepochs = 1\n")
+    assert_one_line_error(seg_cli("run", "finetune", "--data", synth_data, "--out", tmp_path / "r", "-e", bad),
+                          "bad.toml", "invalid TOML", codes=(2,))
+
+
+def test_finetune_missing_empty_unlabeled_only_and_broken_datasets(dataset_copy, tmp_path):
+    out = tmp_path / "r"
+    assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", tmp_path / "nope", "--out", out),
+                          "nope")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", tmp_path / "empty", "--out", out))
+    only_unlabeled = Path(shutil.copytree(dataset_copy, tmp_path / "u"))
+    for folder in ("imagesTr", "labelsTr"):
+        for f in (only_unlabeled / folder).iterdir():
+            f.unlink()
+    meta = json.loads((only_unlabeled / "dataset.json").read_text())
+    meta["numTraining"] = 0
+    (only_unlabeled / "dataset.json").write_text(json.dumps(meta))
+    assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", only_unlabeled, "--out", out),
+                          "no labeled case")
+    name = _break(dataset_copy, "label_values")
+    result = seg_cli("run", "finetune", "-e", "smoke", "--data", dataset_copy, "--out", out)
+    assert result.returncode == 1 and name in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "checkpoint_latest.pt").exists()
+
+
+def test_out_is_a_file(synth_data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", synth_data, "--out", tmp_path / "file"),
+                          "file", "is a file")
+
+
+def test_init_with_bad_checkpoints(synth_data, smoke_run, tmp_path):
+    base = ["run", "finetune", "-e", "smoke", "--data", synth_data, "--device", "cpu"]
+    other = seg_cli(*base, "--set", "backbone.options.base_channels=2", "--out", tmp_path / "a", "--init", smoke_run)
+    assert_one_line_error(other, "made with backbone", "base_channels=4", codes=(2,))
+    cut = tmp_path / "cut.pt"
+    shutil.copy(smoke_run / "checkpoint_latest.pt", cut)
+    truncate(cut)
+    assert_one_line_error(seg_cli(*base, "--out", tmp_path / "b", "--init", cut), "cut.pt", "truncated", codes=(2,))
+
+
+def test_pretrain_without_unlabeled_or_without_stage(dataset_copy, tmp_path):
+    for f in (dataset_copy / "unlabeled").iterdir():
+        f.unlink()
+    assert_one_line_error(seg_cli("run", "pretrain", "-e", "smoke", "--data", dataset_copy, "--out", tmp_path / "p"),
+                          "no unlabeled scan")
+    assert_one_line_error(seg_cli("run", "pretrain", "-e", "flare22-scratch-vnet", "--data", dataset_copy, "--out",
+                                  tmp_path / "q"), "no pretraining stage")
+
+
+# ---------------------------------------------------------------- predict
+
+@pytest.mark.parametrize("how", ["missing", "empty", "truncated", "text", "2d", "4d", "gigantic"])
+def test_predict_bad_single_input(smoke_run, synth_data, tmp_path, how):
+    src = tmp_path / "in.nii.gz"
+    if how == "empty":
+        src.write_bytes(b"")
+    elif how == "text":
+        src.write_text("hello")
+    elif how == "2d":
+        write(ct_volume((1, 40, 40))[0], src)
+    elif how == "4d":
+        sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(ct_volume()) for _ in range(2)]), str(src))
+    elif how == "truncated":
+        shutil.copy(only(synth_data / "imagesTr", "*.nii.gz")[0], src)
+        truncate(src)
+    elif how == "gigantic":
+        gigantic_nifti(src)
+    out = tmp_path / "out.nii.gz"
+    result = seg_cli("predict", "-i", src, "-o", out, "--model", smoke_run, "--device", "cpu")
+    assert_one_line_error(result, "in.nii.gz", codes=(2,))
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_predict_bad_model_folders(smoke_run, synth_data, tmp_path):
+    image = only(synth_data / "imagesTr", "*.nii.gz")[0]
+    assert_one_line_error(seg_cli("predict", "-i", image, "-o", tmp_path / "o", "--model", tmp_path), "config.toml")
+    broken = Path(shutil.copytree(smoke_run, tmp_path / "broken"))
+    for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
+        truncate(broken / name)
+    assert_one_line_error(seg_cli("predict", "-i", image, "-o", tmp_path / "o", "--model", broken), "truncated")
+    classes = Path(shutil.copytree(smoke_run, tmp_path / "classes"))
+    for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
+        state = torch.load(classes / name, weights_only=True)
+        state["backbone"]["out_channels"] = 5
+        torch.save(state, classes / name)
+    assert_one_line_error(seg_cli("predict", "-i", image, "-o", tmp_path / "o", "--model", classes),
+                          "does not fit")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_predict_output_is_a_file(smoke_run, synth_data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = seg_cli("predict", "-i", synth_data / "imagesTr", "-o", tmp_path / "file", "--model", smoke_run)
+    assert_one_line_error(result, "file", "is a file")
+
+
+def test_predict_folder_with_one_bad_case_writes_the_others(smoke_run, synth_data, tmp_path):
+    inputs = Path(shutil.copytree(synth_data / "imagesTr", tmp_path / "in"))
+    bad = only(inputs, "*.nii.gz")[0]
+    truncate(bad)
+    result = seg_cli("predict", "-i", inputs, "-o", tmp_path / "out", "--model", smoke_run, "--device", "cpu")
+    assert result.returncode == 1 and bad.name in result.stderr and "Traceback" not in result.stderr
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
+    assert len(written) == len(only(inputs, "*.nii.gz")) - 1
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+# ---------------------------------------------------------------- evaluate
+
+def test_evaluate_missing_and_mismatched(synth_data, tmp_path):
+    assert_one_line_error(seg_cli("evaluate", "--pred", tmp_path / "p", "--gt", tmp_path / "g"), "p")
+    gt = Path(shutil.copytree(synth_data / "labelsTr", tmp_path / "gt"))
+    pred = Path(shutil.copytree(gt, tmp_path / "pred"))
+    moved = only(pred, "*.nii.gz")[0]
+    image = sitk.ReadImage(str(moved))
+    image.SetSpacing([s * 2 for s in image.GetSpacing()])
+    sitk.WriteImage(image, str(moved))
+    result = seg_cli("evaluate", "--pred", pred, "--gt", gt, "--out", tmp_path / "m.csv")
+    assert_one_line_error(result, moved.name)
+    assert not (tmp_path / "m.csv").exists()
