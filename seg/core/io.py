@@ -7,11 +7,15 @@ or that is not 3D, is refused with one line naming it.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import attrs
+import numpy as np
 import SimpleITK as sitk
 
 from seg.core.errors import DataError
@@ -99,6 +103,57 @@ def _first_line(exc: Exception) -> str:
     return lines[-1] if lines else "unknown error"
 
 
+def _nifti_data_end(header: bytes) -> int | None:
+    """Where the voxel data of a NIfTI-1/2 file must end (vox_offset + voxel bytes), from its header."""
+    for endian in "<>":
+        (sizeof_hdr,) = struct.unpack(endian + "i", header[:4])
+        if sizeof_hdr == 348 and len(header) >= 348:
+            dims, (bitpix,) = struct.unpack(endian + "8h", header[40:56]), struct.unpack(endian + "h", header[72:74])
+            (offset,) = struct.unpack(endian + "f", header[108:112])
+        elif sizeof_hdr == 540 and len(header) >= 540:
+            dims, (bitpix,) = struct.unpack(endian + "8q", header[16:80]), struct.unpack(endian + "h", header[14:16])
+            (offset,) = struct.unpack(endian + "q", header[168:176])
+        else:
+            continue
+        voxels = int(np.prod([max(1, d) for d in dims[1:1 + max(0, min(dims[0], 7))]]))
+        return int(offset) + voxels * max(bitpix, 8) // 8
+    return None
+
+
+def nifti_truncation(path: Path) -> str | None:
+    """Why a NIfTI file holds less voxel data than its header announces, or None.
+
+    ITK reads such files without complaint (the missing part comes back as zeros), so this is checked
+    separately: for ``.nii.gz`` the gzip trailer's length is compared first, and only on a mismatch is the
+    stream decompressed to be sure.
+    """
+    name = path.name.lower()
+    if path.is_dir() or not name.endswith((".nii", ".nii.gz")):
+        return None
+    compressed = name.endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
+            end = _nifti_data_end(fh.read(544))
+        if end is None:
+            return None
+        if not compressed:
+            size = path.stat().st_size
+        else:
+            with open(path, "rb") as fh:
+                fh.seek(-4, 2)
+                if struct.unpack("<I", fh.read(4))[0] == end % 2**32:
+                    return None
+            size = 0
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    size += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"truncated or corrupt compressed data ({exc})"
+    if size < end:
+        return f"truncated: holds {size} of the {end} bytes its header announces"
+    return None
+
+
 def read_image(path: str | os.PathLike, pixel_type=None) -> sitk.Image:
     """Read a 3D scalar image file or DICOM series folder; refuse 2D, 4D, vector and oversized images."""
     path = Path(path)
@@ -112,6 +167,8 @@ def read_image(path: str | os.PathLike, pixel_type=None) -> sitk.Image:
     voxels = size[0] * size[1] * size[2]
     if voxels > MAX_VOXELS:
         raise DataError(f"{path}: header claims {voxels} voxels {size}, above the limit of {MAX_VOXELS} (SEG_MAX_VOXELS)")
+    if truncated := nifti_truncation(path):
+        raise DataError(f"{path}: {truncated}")
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
