@@ -45,7 +45,8 @@ def test_two_ranks_end_with_identical_state(stage, synth_data, tmp_path):
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys()
-    for key in rank0:
+    # batch-norm running statistics are per rank (each saw its own patches); everything trained must agree
+    for key in [k for k in rank0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]:
         assert torch.equal(rank0[key], rank1[key]), key  # weights, momentum encoders and queues alike
     assert (out / "checkpoint_latest.pt").exists()
     assert not list(out.glob("*.tmp*"))

@@ -45,7 +45,8 @@ def pretrain(data: Path, out: Path, exp: Experiment | None, *, resume: bool = Fa
         model = task
         if distributed.world_size() > 1:
             # some tasks leave parts of the backbone unused (plain contrastive learning never decodes)
-            model = torch.nn.parallel.DistributedDataParallel(task, find_unused_parameters=True)
+            model = torch.nn.parallel.DistributedDataParallel(task, find_unused_parameters=True,
+                                                              broadcast_buffers=False)  # queues agree by construction
         optimizer = build_optimizer([p for p in task.parameters() if p.requires_grad], cfg.optimizer)
         meta = {"kind": "pretrain", "config": experiment_toml(exp), "ssl": cfg.ssl.name,
                 "backbone": describe_backbone(exp.backbone, 1, PRETRAIN_OUTPUTS),
