@@ -84,3 +84,17 @@ def test_seg_load_plugins_restricts_third_party_but_keeps_builtins(monkeypatch):
     finally:
         monkeypatch.delenv("SEG_LOAD_PLUGINS")
         plugins.reset()
+
+
+@pytest.mark.parametrize("hook, family", [
+    ("register_preprocessors", "preprocessors"),
+    ("register_backbones", "backbones"),
+    ("register_ssl_tasks", "ssl_tasks"),
+    ("register_losses", "losses"),
+    ("register_inferers", "inferers"),
+])
+def test_each_hook_feeds_its_family_from_the_builtins(hook, family):
+    pm = plugins.plugin_manager()
+    implementers = {impl.plugin_name for impl in getattr(pm.hook, hook).get_hookimpls()}
+    assert plugins.FAMILIES[family] == hook
+    assert {plugins.entry(family, name).plugin for name in BUILTINS[family]} <= implementers
