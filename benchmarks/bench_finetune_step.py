@@ -65,7 +65,8 @@ def worker(row: str, size: list[int], steps: int, threads: int) -> dict:
         optimizer.step()
         if step:
             seconds.append(time.perf_counter() - start)
-    return {"seconds": seconds, "built_mb": built_mb, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "built_mb": built_mb, "peak_rss_mb": peak_mb,
             "params_m": sum(p.numel() for p in network.parameters()) / 1e6, "loss": float(loss)}
 
 

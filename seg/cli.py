@@ -92,6 +92,8 @@ def data_check(data_dir, unlabeled_dir):
     from seg.core.errors import CheckFailed
 
     problems = check_dataset(data_dir, unlabeled_dir=unlabeled_dir)
+    if len(problems) == 1 and problems[0].file == str(data_dir):
+        raise SegError(f"{data_dir}: {problems[0].problem}")
     if problems:
         console.print(render_problems(problems))
         raise CheckFailed(f"{data_dir}: {len(problems)} problem(s), {sum(p.fatal for p in problems)} fatal")
@@ -191,10 +193,13 @@ def predict(input_path, output, run_dir, device, precision, overlap, overwrite, 
         raise SegError(f"--overlap {overlap}: must be in [0, 1)")
     summary = predict_paths(input_path, output, run_dir, overwrite=overwrite, save_probabilities=save_probabilities,
                             preview=preview, device=device, precision=precision, overlap=overlap)
-    console.print(f"predicted {summary['done']}, skipped {summary['skipped']} (already done), "
-                  f"failed {len(summary['failed'])}")
+    if not summary["failed"]:
+        console.print(f"predicted {summary['done']}, skipped {summary['skipped']} (already done)")
     if summary["failed"]:
-        raise SystemExit(1)
+        from seg.core.errors import CheckFailed
+
+        raise CheckFailed(f"{len(summary['failed'])} case(s) failed, the others were written: "
+                          + "; ".join(summary["failed"]))
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 from pathlib import Path
 
@@ -13,7 +14,10 @@ import seg
 
 from seg.core import plugins
 
-torch.set_num_threads(2)
+# One thread: tiny networks gain nothing from two, and lose 100x when another process holds a core.
+# Subprocesses (the CLI tests) inherit it through the environment.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct"
 

@@ -46,10 +46,10 @@ def test_experiments_json(seg_main):
     (["run", "finetune", "--data", "nowhere", "--out", "{tmp}/r", "--set", "finetune.lrr=1"], "finetune.lrr: unknown key"),
     (["run", "finetune", "--data", "{tmp}/missing", "--out", "{tmp}/r", "-e", "smoke"], "missing"),
     (["evaluate", "--pred", "{tmp}/nope", "--gt", "{tmp}/nope2"], "nope"),
-    (["predict", "-i", "{tmp}/nope.nii.gz", "-o", "{tmp}/o", "--model", "{tmp}"], "config.toml"),
+    (["predict", "-i", "{tmp}/nope.nii.gz", "-o", "{tmp}/o", "--model", "{tmp}"], "nope.nii.gz"),
 ])
 def test_user_errors_are_one_red_line_with_exit_code_2(seg_main, tmp_path, args, message):
-    code, out, err = seg_main(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    code, out, err = seg_main("-q", *[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code == 2, err
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -23,11 +23,14 @@ import torch
 class EncoderDecoder(Protocol):
     """A backbone an SSL task can pretrain (see the module docstring)."""
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of every resolution level, finest first, deepest last."""
 
-    def decode(self, features: list[torch.Tensor]) -> torch.Tensor: ...
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Output logits from the list ``encode`` returned."""
 
-    def encoder_modules(self) -> list[str]: ...
+    def encoder_modules(self) -> list[str]:
+        """Names of the child modules that make up the encoder."""
 
 
 def is_encoder_key(backbone: EncoderDecoder, state_key: str) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from seg.core import cache
-from seg.core.check import check_dataset, render_problems
+from seg.core.check import check_dataset
 from seg.core.config import Experiment
-from seg.core.console import console, info
+from seg.core.console import info
 from seg.core.dataset import Dataset, open_dataset
 from seg.core.errors import CheckFailed, DataError
 
@@ -20,12 +20,14 @@ def preprocess_steps(exp: Experiment) -> list[tuple[str, dict]]:
 def checked_dataset(data: Path, exp: Experiment) -> Dataset:
     """Open ``data`` and refuse it if ``seg data check`` finds a fatal problem (non-fatal ones are listed)."""
     problems = check_dataset(data, unlabeled_dir=exp.unlabeled_dir)
-    if problems:
-        console.print(render_problems(problems))
     fatal = [p for p in problems if p.fatal]
+    if fatal and fatal[0].file == str(data):
+        raise DataError(f"{data}: {fatal[0].problem}")
     if fatal:
-        raise CheckFailed(f"{data}: {len(fatal)} problem(s) found by the dataset check (first: {fatal[0].file}: "
-                          f"{fatal[0].problem}); fix them or run `seg data check {data}`")
+        raise CheckFailed(f"{fatal[0].file}: {fatal[0].problem} ({len(fatal)} problem(s) in {data}; "
+                          f"`seg data check {data}` lists them all)")
+    for problem in problems:
+        info(f"[yellow]{problem.file}: {problem.problem}")
     return open_dataset(data, unlabeled_dir=exp.unlabeled_dir)
 
 

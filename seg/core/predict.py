@@ -147,7 +147,6 @@ def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool 
                 if single:
                     raise
                 summary["failed"].append(str(exc))
-                info(f"[red]{exc}")
                 advance(1)
                 continue
             write_image(sitk.Cast(labels, sitk.sitkUInt8), target)

@@ -87,7 +87,8 @@ class InPlacePReLU(nn.PReLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """PReLU of ``x``, in place when valid."""
-        if not (torch.is_grad_enabled() and x.device.type == "cpu") or self.weight.min() <= 0:
+        valid = torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype
+        if not valid or self.weight.min() <= 0:
             return super().forward(x)
         return _PReLUInPlace.apply(x, self.weight)
 

@@ -42,7 +42,7 @@ def only(folder: Path, pattern: str) -> list[Path]:
 def _break(data: Path, how: str) -> str:
     """Break one file of ``data``; return the file name the error must mention."""
     image = only(data / "imagesTr", "*_0000.nii.gz")[0]
-    label = data / "labelsTr" / image.name.replace("_0000", "")
+    label = data / "labelsTr" / (image.name[: -len("_0000.nii.gz")] + ".nii.gz")
     if how == "truncated":
         truncate(image)
     elif how == "text":
