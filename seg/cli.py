@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.console import Console
 from rich.table import Table
 
 from seg import __version__
@@ -216,9 +217,14 @@ def evaluate(pred, gt, out, tolerance, per_case):
 
     with progress_bar("evaluating", None) as advance:
         report = evaluate_folders(pred, gt, tolerances=tolerance, progress=advance)
-    console.print(report.table())
+    wide = console if console.is_terminal else Console(stderr=True, width=max(console.width, 140))
+    wide.print(report.table())
     if per_case:
-        console.print(report.table(per_case=True))
+        wide.print(report.table(per_case=True))
+    if report.missing:
+        console.print(f"[yellow]no prediction for {len(report.missing)} case(s), scored 0: {', '.join(report.missing)}")
+    if report.unmatched:
+        console.print(f"[yellow]predictions without ground truth, not scored: {', '.join(report.unmatched)}")
     if out:
         report.write_csv(out)
         report.write_json(Path(out).with_suffix(".json"))

@@ -21,6 +21,11 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def is_quiet() -> bool:
+    """Whether ``--quiet`` is on."""
+    return _quiet
+
+
 def info(message: str) -> None:
     """Print a message for the user (unless quiet) and log it."""
     log.info(message)

@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 import SimpleITK as sitk
+from rich import box
 from rich.table import Table
 
 from seg.core.dataset import FLARE22_LABELS, parse_labels
@@ -104,19 +105,22 @@ class EvaluationReport:
         return SHORT_NAMES[flare] if flare is not None else self.labels[value]
 
     def table(self, per_case: bool = False) -> Table:
-        """The paper's Table 3/4 layout: organs as columns plus Mean, rows DSC(%) and NSD(%); with
-        ``per_case``, one row per case with "DSC / NSD" cells instead."""
+        """The paper's Table 3/4 layout: organs as columns plus Mean, rows DSC(%) and NSD(%) of the means over
+        cases; with ``per_case``, those two rows for every case instead (about 130 columns wide)."""
         headings = [self._heading(v) for v in self.labels]
         caption = (f"{len(self.missing)} case(s) without a prediction scored 0: {', '.join(self.missing)}"
                    if self.missing else None)
-        table = Table("Case" if per_case else "Organ", *headings, "Mean", caption=caption,
-                      title="DSC / NSD (%) per case" if per_case else f"DSC and NSD (%), mean of {len(self.cases)} cases")
+        title = "DSC and NSD (%) per case" if per_case else f"DSC and NSD (%), mean of {len(self.cases)} cases"
+        table = Table(*(["Case"] if per_case else []), "Organ", title=title, caption=caption, box=box.SIMPLE_HEAD)
+        for heading in (*headings, "Mean"):
+            table.add_column(heading, justify="right")
         if per_case:
             for case in self.cases:
                 mine = {r["label"]: r for r in self.rows if r["case"] == case}
-                cells = [f"{100 * mine[v]['dsc']:.1f} / {100 * mine[v]['nsd']:.1f}" for v in self.labels]
-                mean = [statistics.fmean(mine[v][m] for v in self.labels) for m in ("dsc", "nsd")]
-                table.add_row(case, *cells, f"{100 * mean[0]:.1f} / {100 * mean[1]:.1f}")
+                for metric, name in (("dsc", "DSC(%)"), ("nsd", "NSD(%)")):
+                    values = [mine[v][metric] for v in self.labels]
+                    table.add_row(case if metric == "dsc" else "", name, *[f"{100 * x:.1f}" for x in values],
+                                  f"{100 * statistics.fmean(values):.1f}", end_section=metric == "nsd")
             return table
         means, overall = self.mean_per_organ(), self.overall()
         for metric, name in (("dsc", "DSC(%)"), ("nsd", "NSD(%)")):
@@ -196,6 +200,8 @@ def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
         if not folder.is_dir():
             raise DataError(f"{option} {folder}: no such folder")
     labels = dict(labels) if labels else labels_near(gt_dir)
+    if 0 in labels:
+        raise ConfigError("labels: value 0 is the background and cannot be scored")
     tolerances = resolve_tolerances(labels, tolerances)
     slice_limited = {v for v, n in labels.items() if flare22_value(n) in FLARE22_SLICE_LIMITED}
     gts, preds = _images_by_case(gt_dir, "--gt"), _images_by_case(pred_dir, "--pred")

@@ -15,7 +15,9 @@ import torch
 
 from seg.core import distributed, plugins
 from seg.core.config import Experiment, experiment_toml
-from seg.core.console import info, log_to
+from rich.table import Table
+
+from seg.core.console import console, info, is_quiet, log_to
 from seg.core.data import labeled_cases
 from seg.core.inference import resolve_device
 from seg.core.metrics import dice
@@ -46,6 +48,21 @@ def validate(network, cases, inferer, device, num_classes: int) -> dict[str, flo
         for c in scores:
             scores[c].append(dice(labels == c, truth == c))
     return {f"val_dice_{c}": float(np.mean(v)) for c, v in scores.items()}
+
+
+def show_validation(history: list[dict], organ_names: dict[int, str]) -> None:
+    """Print the last validation's per-organ Dice as a rich table."""
+    rows = [r for r in history if "val_mean_dice" in r]
+    if not rows:
+        return
+    last = rows[-1]
+    table = Table("organ", "Dice", title=f"validation Dice at epoch {last['epoch']}")
+    for value, name in sorted(organ_names.items()):
+        if f"val_dice_{value}" in last:
+            table.add_row(name, f"{last[f'val_dice_{value}']:.3f}")
+    table.add_row("[bold]mean", f"[bold]{last['val_mean_dice']:.3f}")
+    if not is_quiet():
+        console.print(table)
 
 
 def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None = None, resume: bool = False,
@@ -113,5 +130,7 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         loop.run(compute_loss, on_epoch_end=on_epoch_end, description="fine-tuning")
         if not (Path(out) / BEST).exists():
             loop.save(BEST)
+        if distributed.is_main():
+            show_validation(loop.history, dataset.organ_names)
     distributed.barrier()
     return network

@@ -13,9 +13,10 @@ hookspec = HookspecMarker("seg")
 def register_preprocessors(register):
     """Register preprocessing steps: ``register(name, factory)``.
 
-    ``factory(**options) -> Preprocessor`` (``seg.core.preprocessing.Preprocessor``): a step that maps a
-    ``Sample`` (SimpleITK image, optional label map) to a new one and returns what it needs to map a label
-    map on its output grid back onto its input grid exactly.
+    ``factory(**options) -> Preprocessor`` (``seg.core.preprocessing.Preprocessor``): called with a ``Sample``
+    (SimpleITK image, optional label map on the same grid) it returns the new sample and a JSON-serialisable
+    record; ``invert_label(label, record)`` maps a label map on the step's output grid back onto its input grid
+    exactly (intensity-only steps return it unchanged). Steps raise ``DataError`` for inputs they cannot handle.
     """
 
 

@@ -199,6 +199,9 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None):
     suffix = suffix if suffix is not None else (image_suffix(target) or target.suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, target)

@@ -210,6 +210,8 @@ def evaluate_case(pred_labels: np.ndarray, gt_labels: np.ndarray, spacing, label
     ``first == last`` (where the reference fails on an empty array).
     """
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
+    if 0 in labels:
+        raise ValueError("label value 0 is the background and cannot be scored")
     if pred_labels.shape != gt_labels.shape:
         raise ValueError(f"label arrays of shapes {pred_labels.shape} and {gt_labels.shape}")
     for name, array in (("prediction", pred_labels), ("ground truth", gt_labels)):

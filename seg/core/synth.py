@@ -83,7 +83,8 @@ class _Field:
         """Sparse (len(coords) x len(lattice)) Gaussian weights, rows of unit norm (unit variance)."""
         d = (coords[:, None] - lattice[None, :]) / self.scale
         w = np.where(np.abs(d) < 4, np.exp(-0.5 * d**2), 0.0)
-        return sparse.csr_array((w / np.sqrt((w**2).sum(1, keepdims=True))).astype(np.float32))
+        norm = np.sqrt((w**2).sum(1, keepdims=True))
+        return sparse.csr_array((w / np.maximum(norm, 1e-12)).astype(np.float32))  # 0 beyond the lattice
 
     def sample(self, xs, ys, zs) -> np.ndarray:
         """Values on the grid ``zs x ys x xs`` (array indexed z, y, x): separable sparse products, one axis
