@@ -12,14 +12,6 @@ from seg.plugins.contrastive import Contrastive
 from tests.test_pcrl import TinyUNet, smooth_volumes, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention with other processes on the 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_contrastive(**options) -> Contrastive:
     """A contrastive task on a ``TinyUNet`` with a 16-key queue and 16^3 crops (``options`` override)."""

@@ -60,6 +60,7 @@ def test_predict_lands_on_the_input_grid_and_evaluate_scores_it(runs, synth_data
         assert (tmp_path / "pred" / f"{case}.png").exists() and (tmp_path / "pred" / f"{case}.npz").exists()
     result = seg_cli("evaluate", "--pred", tmp_path / "pred", "--gt", synth_data / "labelsTr", "--out",
                      tmp_path / "m.csv")
+    assert "DSC" in result.stderr
     assert (tmp_path / "m.csv").exists() and (tmp_path / "m.json").exists()
     rerun = seg_cli("predict", "-i", images, "-o", tmp_path / "pred", "--model", runs / "ft", "--device", "cpu")
     assert rerun.returncode == 0

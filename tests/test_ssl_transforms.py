@@ -9,14 +9,6 @@ from seg.core.errors import ConfigError, DataError
 from seg.plugins import ssl_transforms as T
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention with other processes on the 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def gen(seed=0):
     """A seeded CPU generator."""

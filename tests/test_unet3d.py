@@ -11,8 +11,8 @@ from torch import nn
 from seg.core import plugins
 from seg.core.errors import ConfigError
 from seg.plugins.unet3d import UNet3D
-from tests.test_vnet import (  # noqa: F401 (one_thread: an autouse fixture)
-    check_bad_size, check_encoder_partition, check_he_init, check_protocol, check_trains, one_thread)
+from tests.test_vnet import (
+    check_bad_size, check_encoder_partition, check_he_init, check_protocol, check_trains)
 
 TINY = dict(base_channels=4, depth=3)
 

@@ -16,14 +16,6 @@ from seg.plugins.vnet import VNet
 TINY = dict(base_channels=4, depth=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread (and 100x slower on two when another process holds a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def count_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass on the meta device, from (transposed) convolution hooks."""

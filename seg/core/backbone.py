@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from seg.core.errors import ConfigError
+
 
 @runtime_checkable
 class EncoderDecoder(Protocol):
@@ -31,6 +33,23 @@ class EncoderDecoder(Protocol):
 
     def encoder_modules(self) -> list[str]:
         """Names of the child modules that make up the encoder."""
+
+
+def encode_levels(name: str, stages, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """Run ``x`` through the encoder ``stages``, keeping every level's output (finest first).
+
+    Refuses, naming the backbone, an input whose D, H, W are not multiples of ``2 ** (depth - 1)``.
+    """
+    multiple = 2 ** (depth - 1)
+    if x.ndim != 5 or any(s % multiple for s in x.shape[2:]):
+        raise ConfigError(f"{name}: input of shape {tuple(x.shape)} must be (B, C, D, H, W) with D, H, W "
+                          f"divisible by {multiple} (2 ** (depth - 1), depth={depth}); "
+                          f"choose patch and window sizes that are multiples of {multiple}")
+    features = []
+    for stage in stages:
+        x = stage(x)
+        features.append(x)
+    return features
 
 
 def is_encoder_key(backbone: EncoderDecoder, state_key: str) -> bool:

@@ -18,7 +18,7 @@ import torch
 from seg.core import plugins
 from seg.core.checkpoint import load_checkpoint
 from seg.core.config import Experiment, load_experiment
-from seg.core.console import info, progress_bar
+from seg.core.console import progress_bar
 from seg.core.dataset import list_images
 from seg.core.errors import CheckpointError, DataError, SegError
 from seg.core.inference import resolve_device, resolve_precision

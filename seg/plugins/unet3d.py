@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import seg
+from seg.core.backbone import encode_levels
 from seg.core.errors import ConfigError
 
 NORMS = ("instance", "batch", "none")
@@ -98,16 +99,7 @@ class UNet3D(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps of every level, finest first, the bottleneck last."""
-        multiple = 2 ** (self.depth - 1)
-        if x.ndim != 5 or any(s % multiple for s in x.shape[2:]):
-            raise ConfigError(f"unet3d: input of shape {tuple(x.shape)} must be (B, C, D, H, W) with D, H, W "
-                              f"divisible by {multiple} (2 ** (depth - 1), depth={self.depth}); "
-                              f"choose patch and window sizes that are multiples of {multiple}")
-        features = []
-        for stage in self.encoder:
-            x = stage(x)
-            features.append(x)
-        return features
+        return encode_levels("unet3d", self.encoder, x, self.depth)
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Logits from the feature maps that ``encode`` returned."""

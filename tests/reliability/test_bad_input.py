@@ -3,19 +3,20 @@
 Exit codes: 2 for a bad command line, option, name, configuration, input file or checkpoint; 1 for a check that
 found problems (`seg data check`) and for `seg predict` on a folder where some cases failed (the rest are written).
 
-Cases tried (34):
- data check: missing path, empty dataset, truncated .nii.gz, text file as image, 2D image, 4D image, MR scan as CT,
-   constant intensities, NaN intensities, label geometry differs from image, label values not in dataset.json,
-   absurd spacing (0.0001 mm and 1e6 mm);
- data synth: output path is a file;
- data prepare: missing path, dataset with no labeled case (fine: prepares unlabeled), truncated labeled image;
- run finetune: missing dataset, empty dataset, dataset with no labeled case, dataset failing the check,
-   unknown backbone, unknown experiment, unknown --set key, malformed experiment TOML, --out is a file,
-   --init checkpoint of another width, --init truncated checkpoint, --init checkpoint carrying code;
- run pretrain: dataset with no unlabeled scan, experiment without pretraining;
- predict: missing input, empty file, truncated .nii.gz, text file, 2D image, 4D image, gigantic header,
-   --model not a run folder, checkpoint truncated, checkpoint of another class count, output is a file;
- evaluate: missing folders, prediction geometry differs from ground truth.
+Cases tried (42):
+ data check (13): missing path, empty folder, truncated .nii.gz, text file as image, 2D image, 4D image, MR scan
+   as CT, constant intensities, NaN intensities, label geometry differs from image, label values not in
+   dataset.json, absurd spacing (0.0001 mm and 1e6 mm);
+ data synth (1): output path is a file;
+ run finetune (12): unknown backbone, unknown experiment, unknown --set key, --set value of the wrong type,
+   malformed experiment TOML, missing dataset, empty dataset, dataset with no labeled case, dataset failing the
+   check (bad label values), --out is a file, --init checkpoint of another width, --init truncated checkpoint;
+ run pretrain (2): dataset with no unlabeled scan, experiment without a pretraining stage;
+ predict (12): missing input, empty file, truncated .nii.gz, text file, 2D image, 4D image, gigantic header,
+   --model not a run folder, truncated checkpoints, checkpoint of another class count, output is a file, a folder
+   with one truncated case (the others are written, exit 1);
+ evaluate (2): missing folders, prediction geometry differs from ground truth.
+Not yet tried: `data prepare` with bad inputs, and bad intensities/spacing through the training and predict commands.
 """
 
 from __future__ import annotations
