@@ -17,6 +17,7 @@ import torch
 
 from seg.core import plugins
 from seg.core.checkpoint import load_checkpoint
+from seg.core.check import image_problems
 from seg.core.config import Experiment, load_experiment
 from seg.core.console import progress_bar
 from seg.core.dataset import list_images
@@ -141,6 +142,9 @@ def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool 
                 continue
             try:
                 image = read_image(path)
+                problems = image_problems(image)
+                if problems:
+                    raise DataError(f"{path}: {problems[0]}")
                 scores, records = predictor.scores(image)
                 labels = predictor.labels_for(image, scores, records)
             except DataError as exc:

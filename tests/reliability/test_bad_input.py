@@ -3,7 +3,7 @@
 Exit codes: 2 for a bad command line, option, name, configuration, input file or checkpoint; 1 for a check that
 found problems (`seg data check`) and for `seg predict` on a folder where some cases failed (the rest are written).
 
-Cases tried (42):
+Cases tried (54):
  data check (13): missing path, empty folder, truncated .nii.gz, text file as image, 2D image, 4D image, MR scan
    as CT, constant intensities, NaN intensities, label geometry differs from image, label values not in
    dataset.json, absurd spacing (0.0001 mm and 1e6 mm);
@@ -12,11 +12,13 @@ Cases tried (42):
    malformed experiment TOML, missing dataset, empty dataset, dataset with no labeled case, dataset failing the
    check (bad label values), --out is a file, --init checkpoint of another width, --init truncated checkpoint;
  run pretrain (2): dataset with no unlabeled scan, experiment without a pretraining stage;
- predict (12): missing input, empty file, truncated .nii.gz, text file, 2D image, 4D image, gigantic header,
+ data prepare (5): missing path, truncated image, label values not in dataset.json, absurd spacing, NaN
+   intensities (the last four also through `run finetune`);
+ predict (16): missing input, empty file, truncated .nii.gz, text file, 2D image, 4D image, gigantic header,
+   MR scan as CT, NaN intensities (.nrrd), constant intensities, absurd spacing,
    --model not a run folder, truncated checkpoints, checkpoint of another class count, output is a file, a folder
    with one truncated case (the others are written, exit 1);
  evaluate (2): missing folders, prediction geometry differs from ground truth.
-Not yet tried: `data prepare` with bad inputs, and bad intensities/spacing through the training and predict commands.
 """
 
 from __future__ import annotations
@@ -171,10 +173,19 @@ def test_pretrain_without_unlabeled_or_without_stage(dataset_copy, tmp_path):
 
 # ---------------------------------------------------------------- predict
 
-@pytest.mark.parametrize("how", ["missing", "empty", "truncated", "text", "2d", "4d", "gigantic"])
-def test_predict_bad_single_input(smoke_run, synth_data, tmp_path, how):
-    src = tmp_path / "in.nii.gz"
-    if how == "empty":
+@pytest.mark.parametrize("how", ["missing", "empty", "truncated", "text", "2d", "4d", "gigantic", "mr", "nan",
+                                 "constant", "spacing"])
+def test_predict_bad_single_input(smoke_run, synth_data, tmp_path, how, request):
+    src = tmp_path / ("in.nrrd" if how == "nan" else "in.nii.gz")
+    if how == "mr":
+        shutil.copy(request.getfixturevalue("real_ct") / "more" / "example_mr_sm.nii.gz", src)
+    elif how == "nan":
+        write(np.full((24, 40, 40), np.nan, np.float32), src)
+    elif how == "constant":
+        write(np.full((24, 40, 40), -1000, np.int16), src)
+    elif how == "spacing":
+        write(ct_volume(), src, spacing=(1e6, 1e6, 1e6))
+    elif how == "empty":
         src.write_bytes(b"")
     elif how == "text":
         src.write_text("hello")
@@ -189,8 +200,23 @@ def test_predict_bad_single_input(smoke_run, synth_data, tmp_path, how):
         gigantic_nifti(src)
     out = tmp_path / "out.nii.gz"
     result = seg_cli("predict", "-i", src, "-o", out, "--model", smoke_run, "--device", "cpu")
-    assert_one_line_error(result, "in.nii.gz", codes=(2,))
+    assert_one_line_error(result, src.name, codes=(2,))
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("how", ["truncated", "label_values", "spacing_huge", "nan"])
+def test_prepare_and_finetune_refuse_broken_datasets(dataset_copy, tmp_path, how):
+    name = _break(dataset_copy, how)
+    for args in (["data", "prepare", dataset_copy, "-e", "smoke"],
+                 ["run", "finetune", "-e", "smoke", "--data", dataset_copy, "--out", tmp_path / "r"]):
+        result = seg_cli(*args)
+        assert_one_line_error(result, name)
+    assert not (tmp_path / "r" / "checkpoint_latest.pt").exists()
+    assert not (dataset_copy / ".seg_cache").exists() or not list((dataset_copy / ".seg_cache").rglob("*.json"))
+
+
+def test_prepare_missing_path(tmp_path):
+    assert_one_line_error(seg_cli("data", "prepare", tmp_path / "nope", "-e", "smoke"), "nope")
 
 
 def test_predict_bad_model_folders(smoke_run, synth_data, tmp_path):
