@@ -56,7 +56,7 @@ class PluginEntry:
             "package": self.package,
             "version": self.version,
             "plugin": self.plugin,
-            "doc": (inspect.getdoc(self.factory) or "").split("\n")[0],
+            "doc": " ".join((inspect.getdoc(self.factory) or "").split("\n\n")[0].split()),
         }
 
 
