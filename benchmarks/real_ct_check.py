@@ -14,7 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from seg.core.config import load_experiment
-from seg.core.console import console
+from rich.console import Console
+
 from seg.core.dataset import FLARE22_LABELS, write_dataset_json
 from seg.core.evaluate import evaluate_folders
 from seg.core.finetune import finetune
@@ -58,7 +59,7 @@ def main() -> None:
     finetune(data, args.out / "run", exp, device="cpu")
     predict_paths(data / "imagesTr", args.out / "pred", args.out / "run", device="cpu", overwrite=True, preview=True)
     report = evaluate_folders(args.out / "pred", data / "labelsTr")
-    console.print(report.table(per_case=False), width=160)
+    Console(width=160).print(report.table(per_case=False))
     means = report.mean_per_organ()
     for organ in ("liver", "spleen", "right_kidney", "left_kidney"):
         print(f"{organ}: Dice {means[organ]['dsc']:.3f}")
