@@ -24,7 +24,7 @@ from seg.core.metrics import dice
 from seg.core.model import build_backbone, describe_backbone, load_pretrained
 from seg.core.patches import augment, foreground_slices, sample_patch
 from seg.core.runs import open_run_dir
-from seg.core.train import BEST, TrainingLoop, build_optimizer, build_scheduler, seed_everything
+from seg.core.train import BEST, build_optimizer, seed_everything, stage_loop
 
 
 def split_cases(names: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -94,11 +94,8 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         optimizer = build_optimizer(network.parameters(), cfg.optimizer)
         meta = {"kind": "finetune", "config": experiment_toml(exp), "backbone": described,
                 "labels": json.dumps(dataset.labels)}
-        steps = cfg.steps_per_epoch or max(1, len(train) // (cfg.batch_size * distributed.world_size()))
-        loop = TrainingLoop(run_dir=Path(out), module=model, optimizer=optimizer,
-                            scheduler=build_scheduler(optimizer, cfg.scheduler), device=dev,
-                            epochs=cfg.epochs if epochs is None else epochs, steps_per_epoch=steps,
-                            generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every)
+        loop = stage_loop(cfg, cases=len(train), run_dir=out, module=model, optimizer=optimizer, device=dev,
+                          generator=generator, meta=meta, epochs=epochs)
         best = {"score": -1.0}
         if resume:
             loop.resume()

@@ -22,7 +22,7 @@ from seg.core.inference import resolve_device
 from seg.core.model import build_backbone, describe_backbone
 from seg.core.patches import sample_patch
 from seg.core.runs import open_run_dir
-from seg.core.train import TrainingLoop, build_optimizer, build_scheduler, seed_everything
+from seg.core.train import build_optimizer, seed_everything, stage_loop
 
 PRETRAIN_OUTPUTS = 1
 
@@ -51,11 +51,8 @@ def pretrain(data: Path, out: Path, exp: Experiment | None, *, resume: bool = Fa
         meta = {"kind": "pretrain", "config": experiment_toml(exp), "ssl": cfg.ssl.name,
                 "backbone": describe_backbone(exp.backbone, 1, PRETRAIN_OUTPUTS),
                 "labels": json.dumps(dataset.labels)}
-        steps = cfg.steps_per_epoch or max(1, len(cases) // (cfg.batch_size * distributed.world_size()))
-        loop = TrainingLoop(run_dir=Path(out), module=model, optimizer=optimizer,
-                            scheduler=build_scheduler(optimizer, cfg.scheduler), device=dev,
-                            epochs=cfg.epochs if epochs is None else epochs, steps_per_epoch=steps,
-                            generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every)
+        loop = stage_loop(cfg, cases=len(cases), run_dir=out, module=model, optimizer=optimizer, device=dev,
+                          generator=generator, meta=meta, epochs=epochs)
         if resume:
             loop.resume()
 

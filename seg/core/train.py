@@ -74,6 +74,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Scheduler):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
 
 
+def stage_loop(cfg, *, cases: int, run_dir: Path, module: torch.nn.Module, optimizer, device: torch.device,
+               generator: np.random.Generator, meta: dict, epochs: int | None = None) -> "TrainingLoop":
+    """The loop for a stage config (``Pretrain`` or ``Finetune``): its scheduler and epochs, and by default one
+    pass over ``cases`` per epoch across all ranks (``steps_per_epoch`` overrides)."""
+    steps = cfg.steps_per_epoch or max(1, cases // (cfg.batch_size * distributed.world_size()))
+    return TrainingLoop(run_dir=Path(run_dir), module=module, optimizer=optimizer,
+                        scheduler=build_scheduler(optimizer, cfg.scheduler), device=device,
+                        epochs=cfg.epochs if epochs is None else epochs, steps_per_epoch=steps,
+                        generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every)
+
+
 class NonFiniteLoss(SegError):
     """The loss became NaN or infinite; training stops rather than writing garbage."""
 
