@@ -71,17 +71,18 @@ def data():
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--labeled", default=8, show_default=True, help="labeled cases (imagesTr + labelsTr)")
 @click.option("--unlabeled", default=16, show_default=True, help="unlabeled cases (unlabeled/)")
+@click.option("--test", default=0, show_default=True, help="held-out labeled cases (imagesTs + labelsTs)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--size", type=click.Choice(["small", "full"]), default="small", show_default=True,
               help="small: ~100^2 voxels a slice; full: 512^2 at 0.7-0.9 mm")
-def data_synth(out, labeled, unlabeled, seed, size):
+def data_synth(out, labeled, unlabeled, test, seed, size):
     """Write a dataset of synthetic abdominal CT phantoms to OUT (nnU-Net layout, 13 FLARE22 organs)."""
     from seg.core.console import progress_bar
     from seg.core.synth import write_synthetic_dataset
 
-    with progress_bar("synthesizing", labeled + unlabeled) as advance:
-        write_synthetic_dataset(out, labeled, unlabeled, seed=seed, size=size, progress=advance)
-    console.print(f"wrote {labeled} labeled and {unlabeled} unlabeled phantoms to {out}")
+    with progress_bar("synthesizing", labeled + unlabeled + test) as advance:
+        write_synthetic_dataset(out, labeled, unlabeled, seed=seed, size=size, progress=advance, test=test)
+    console.print(f"wrote {labeled} labeled, {unlabeled} unlabeled and {test} test phantoms to {out}")
 
 
 @data.command("check")

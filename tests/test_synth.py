@@ -181,3 +181,16 @@ def test_speed_of_twenty_small_cases(tmp_path):
     start = time.perf_counter()
     write_synthetic_dataset(tmp_path / "d", labeled=10, unlabeled=10, seed=1)
     print(f"\n20 small phantoms written in {time.perf_counter() - start:.2f} s")
+
+
+def test_held_out_test_phantoms_do_not_depend_on_the_training_counts(tmp_path):
+    write_synthetic_dataset(tmp_path / "a", 1, 0, seed=3, test=1)
+    write_synthetic_dataset(tmp_path / "b", 2, 1, seed=3, test=1)
+    def array(root, path):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / root / path)))
+
+    for path in ("imagesTs/synth_test_0000_0000.nii.gz", "labelsTs/synth_test_0000.nii.gz"):
+        assert np.array_equal(array("a", path), array("b", path))
+    test, train = array("b", "imagesTs/synth_test_0000_0000.nii.gz"), array("b", "imagesTr/synth_0000_0000.nii.gz")
+    assert test.shape != train.shape or not np.array_equal(test, train)  # a phantom of its own
+    assert json.loads((tmp_path / "b" / "dataset.json").read_text())["numTest"] == 1

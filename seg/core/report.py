@@ -1,76 +1,136 @@
-"""The study report: ``report.md`` with per-organ tables, a plain verdict on the paper's finding, training
-curves and overlays as PNG (plots need the optional ``seg[report]`` extra, matplotlib), commands and configs.
-Every number comes from the runs' files; none is typed in."""
+"""The study report: a self-contained ``report.md`` with per-organ tables (the paper's Tables 3 and 4), a
+per-seed summary, a plain verdict on the paper's finding, ``scores.csv`` with every case's scores, and figures
+in ``figures/`` (training curves and per-organ bars need the optional ``seg[report]`` extra, matplotlib; the
+overlays do not). Every number comes from the runs' files; none is typed in."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import shutil
 import statistics
 from pathlib import Path
 
-from seg.core.io import write_text
+from seg.core.evaluate import SHORT_NAMES, flare22_value
+from seg.core.io import atomic_path, write_text
 
 ADRENALS = ("right_adrenal_gland", "left_adrenal_gland")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _experiments(runs) -> list[str]:
+    return list(dict.fromkeys(r.experiment for r in runs))
+
+
+def _overall(run, metric: str) -> float:
+    return statistics.fmean(s[metric] for s in run.scores.values())
+
+
+def _adrenal(run) -> float:
+    return statistics.fmean(run.scores[o]["dsc"] for o in ADRENALS if o in run.scores)
 
 
 def organ_table(runs, metric: str) -> tuple[list[str], dict[str, list[float]]]:
-    """Organ names, and per experiment the per-organ score averaged over its seeds (then the mean)."""
+    """Organ names, and per experiment the per-organ score averaged over its seeds, then their mean."""
     organs = list(runs[0].scores)
     table = {}
-    for name in dict.fromkeys(r.experiment for r in runs):
+    for name in _experiments(runs):
         mine = [r for r in runs if r.experiment == name]
         row = [statistics.fmean(r.scores[o][metric] for r in mine) for o in organs]
         table[name] = row + [statistics.fmean(row)]
     return organs, table
 
 
-def _markdown_table(organs, table, seeds_note) -> str:
-    short = [o.replace("_", " ") for o in organs]
-    lines = ["| experiment | " + " | ".join(short) + " | mean |", "|---" * (len(organs) + 2) + "|"]
+def _heading(organ: str) -> str:
+    value = flare22_value(organ)
+    return SHORT_NAMES[value] if value is not None else organ
+
+
+def _organ_markdown(organs, table, note) -> str:
+    lines = ["| experiment | " + " | ".join(map(_heading, organs)) + " | Mean |", "|---" * (len(organs) + 2) + "|"]
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
-    return "\n".join(lines) + f"\n\n{seeds_note}\n"
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
-def adrenal_verdict(runs, baseline: str = "flare22-scratch-vnet") -> str:
-    """A plain sentence, computed from the runs, on whether pretraining helped the adrenal glands."""
-    if baseline not in {r.experiment for r in runs}:
-        return f"No `{baseline}` run in this study, so the pretraining finding was not tested."
+def _seed_markdown(runs) -> str:
+    lines = ["| experiment | pretraining | seed | mean DSC | mean NSD | adrenal DSC |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r.experiment} | {r.pretrain or 'none'} | {r.seed} | {100 * _overall(r, 'dsc'):.1f} | "
+                     f"{100 * _overall(r, 'nsd'):.1f} | {100 * _adrenal(r):.1f} |")
+    for name in _experiments(runs):
+        mine = [r for r in runs if r.experiment == name]
+        if len(mine) > 1:
+            cells = [_mean_std([f(r) for r in mine]) for f in
+                     (lambda r: _overall(r, "dsc"), lambda r: _overall(r, "nsd"), _adrenal)]
+            lines.append(f"| **{name}** | | mean ± sd | " + " | ".join(f"{100 * m:.1f} ± {100 * s:.1f}"
+                                                                    for m, s in cells) + " |")
+    return "\n".join(lines) + "\n"
 
-    def adrenal(name):
-        return [statistics.fmean(r.scores[o]["dsc"] for o in ADRENALS if o in r.scores)
-                for r in runs if r.experiment == name]
 
-    base_mean, base_std = _mean_std(adrenal(baseline))
+def adrenal_verdict(runs) -> str:
+    """Plain sentences, computed from the runs, on whether pretraining helped the adrenal glands: each
+    pretrained experiment against the study's experiment without pretraining, beyond the seed-to-seed spread
+    (the sum of both sample standard deviations) or not."""
+    baselines = dict.fromkeys(r.experiment for r in runs if r.pretrain is None)
+    if not baselines:
+        return "No experiment without pretraining in this study, so the pretraining finding was not tested."
+    baseline = next(iter(baselines))
+    base_mean, base_std = _mean_std([_adrenal(r) for r in runs if r.experiment == baseline])
     lines = []
-    for name in dict.fromkeys(r.experiment for r in runs):
-        if name == baseline:
+    for name in _experiments(runs):
+        if name in baselines:
             continue
-        mean, std = _mean_std(adrenal(name))
-        noise = max(base_std + std, 0.01)
-        if mean - base_mean > noise:
+        values = [_adrenal(r) for r in runs if r.experiment == name]
+        mean, std = _mean_std(values)
+        if len(values) < 2:
+            verdict = "**not resolved**: one seed gives no spread to judge the difference against"
+        elif mean - base_mean > std + base_std:
             verdict = "**held**: pretraining improved the adrenal glands beyond the seed-to-seed spread"
-        elif base_mean - mean > noise:
+        elif base_mean - mean > std + base_std:
             verdict = "**did not hold**: pretraining made the adrenal glands worse beyond the spread"
         else:
             verdict = "**not resolved**: the difference is within the seed-to-seed spread"
         lines.append(f"- `{name}` vs `{baseline}`: adrenal mean DSC {100 * mean:.1f} ± {100 * std:.1f} vs "
-                     f"{100 * base_mean:.1f} ± {100 * base_std:.1f} (%) — the finding {verdict}.")
+                     f"{100 * base_mean:.1f} ± {100 * base_std:.1f} (%, mean ± sd over seeds) — the finding {verdict}.")
     return "\n".join(lines)
 
 
-def _curves(runs, out: Path) -> str:
+def write_scores_csv(runs, path: Path) -> None:
+    """Every run's per-case, per-organ scores in one CSV: experiment, seed, then the columns of metrics.csv."""
+    buffer = io.StringIO()
+    writer = None
+    for run in runs:
+        with open(run.folder / "metrics.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if writer is None:
+                    writer = csv.DictWriter(buffer, ["experiment", "seed", *row], lineterminator="\n")
+                    writer.writeheader()
+                writer.writerow({"experiment": run.experiment, "seed": run.seed, **row})
+    write_text(buffer.getvalue(), path)
+
+
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "Training curves need matplotlib: `pip install seg[report]`.\n"
+        return None
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+
+
+def _curves(plt, runs, figures: Path) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for run in runs:
         label = f"{run.experiment} s{run.seed}"
@@ -86,50 +146,79 @@ def _curves(runs, out: Path) -> str:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
+    _save(fig, figures / "curves.png")
     plt.close(fig)
-    return "![training curves](curves.png)\n"
+    return "![training curves](figures/curves.png)\n"
 
 
-def _overlays(runs, out: Path) -> str:
+def _organ_bars(plt, runs, figures: Path) -> str:
+    organs = list(runs[0].scores)
+    names = _experiments(runs)
+    fig, ax = plt.subplots(figsize=(13, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        mine = [r for r in runs if r.experiment == name]
+        stats = [_mean_std([100 * r.scores[o]["dsc"] for r in mine]) for o in organs]
+        ax.bar([k + i * width for k in range(len(organs))], [m for m, _ in stats], width,
+               yerr=[s for _, s in stats], capsize=2, label=name)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(organs))], [_heading(o) for o in organs])
+    ax.set_ylabel("DSC (%)")
+    ax.set_title("per-organ DSC on the test cases (mean ± sd over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, figures / "organs_dsc.png")
+    plt.close(fig)
+    return "![per-organ DSC](figures/organs_dsc.png)\n"
+
+
+def _overlays(runs, figures: Path) -> str:
     lines = []
-    for run in runs:
+    for name in _experiments(runs):
+        run = next(r for r in runs if r.experiment == name)
         previews = sorted((run.folder / "pred").glob("*.png"))
-        if previews and run.seed == runs[0].seed:
-            rel = previews[0].relative_to(out)
-            lines.append(f"**{run.experiment}** ({previews[0].stem}):\n\n![{run.experiment}]({rel})\n")
+        if previews:
+            target = figures / f"overlay_{name}.png"
+            shutil.copyfile(previews[0], target)
+            lines.append(f"**{name}**, seed {run.seed} ({previews[0].stem}):\n\n![{name}]({target.relative_to(figures.parent)})\n")
     return "\n".join(lines)
 
 
 def write_report(runs, out: Path, command: str | None = None) -> Path:
-    """Write ``out/report.md`` (and ``curves.png``) from the finished ``runs``; returns the report's path."""
+    """Write ``out/report.md``, ``out/scores.csv`` and ``out/figures/`` from the finished ``runs``; returns the
+    report's path."""
+    out = Path(out)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    write_scores_csv(runs, out / "scores.csv")
     seeds = sorted({r.seed for r in runs})
-    note = f"Scores in %, mean over test cases, then over seeds {seeds}."
+    note = f"Scores in %, mean over the test cases, then over seeds {seeds}. Every case's scores: `scores.csv`."
     organs, dsc = organ_table(runs, "dsc")
     _, nsd = organ_table(runs, "nsd")
+    plt = _pyplot()
+    no_plots = "Plots need matplotlib: `pip install seg[report]`.\n"
     parts = [
         "# Study report\n",
-        f"Reproduce with: `{command}`\n" if command else "",
-        "## Dice similarity coefficient (DSC)\n", _markdown_table(organs, dsc, note),
-        "## Normalized surface Dice (NSD)\n", _markdown_table(organs, nsd, note),
+        f"Regenerate with: `{command}`\n" if command else "",
+        "## Dice similarity coefficient (DSC)\n", _organ_markdown(organs, dsc, note),
+        "## Normalized surface Dice (NSD)\n", _organ_markdown(organs, nsd, note),
+        "## Per seed\n", _seed_markdown(runs),
         "## The paper's finding: pretraining helps the small organs (adrenal glands)\n",
         adrenal_verdict(runs) + "\n",
-        "## Training curves\n", _curves(runs, out),
-        "## Example overlays (first test case, axial / coronal / sagittal)\n", _overlays(runs, out),
+        "## Per-organ DSC\n", _organ_bars(plt, runs, figures) if plt else no_plots,
+        "## Training curves\n", _curves(plt, runs, figures) if plt else no_plots,
+        "## Example overlays (first test case; axial, coronal, sagittal)\n", _overlays(runs, figures),
         "## Runs\n",
     ]
     for run in runs:
         rel = run.folder.relative_to(out)
-        parts.append(f"- `{run.experiment}` seed {run.seed}: `{rel}/` — commands in `*/command.txt`, resolved "
-                     f"configuration in `*/config.toml`, per-case scores in `{rel}/metrics.csv`")
-    first = {}
-    for run in runs:
-        first.setdefault(run.experiment, run)
+        parts.append(f"- `{run.experiment}` seed {run.seed}: `{rel}/` (commands in `*/command.txt`, resolved "
+                     f"configuration in `*/config.toml`, checkpoints, predictions)")
     parts.append("\n## Resolved configurations\n")
-    for name, run in first.items():
-        config = run.folder / "finetune" / "config.toml"
+    for name in _experiments(runs):
+        config = next(r for r in runs if r.experiment == name).folder / "finetune" / "config.toml"
         if config.exists():
             parts.append(f"<details><summary>{name}</summary>\n\n```toml\n{config.read_text()}```\n</details>\n")
-    path = Path(out) / "report.md"
+    path = out / "report.md"
     write_text("\n".join(parts), path)
     return path

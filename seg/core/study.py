@@ -18,6 +18,7 @@ import attrs
 from seg.core.config import load_experiment
 from seg.core.console import info
 from seg.core.errors import DataError
+from seg.core.io import write_text
 from seg.core.evaluate import evaluate_folders
 from seg.core.finetune import finetune
 from seg.core.predict import predict_paths
@@ -34,6 +35,7 @@ class StudyRun:
     seed: int
     folder: Path
     scores: dict  # organ name -> {"dsc": mean, "nsd": mean} over test cases
+    pretrain: str | None = None  # the SSL task's name; None: no pretraining (the study's baseline)
 
 
 def _finished(run: Path, epochs: int) -> bool:
@@ -62,9 +64,11 @@ def held_out_cases(data: Path, test: Path | None) -> tuple[Path, Path]:
 
 def run_one(name: str, seed: int, data: Path, out: Path, test: Path | None, overrides=(), device: str = "auto",
             workers: int = 1) -> StudyRun:
-    """Pretrain (if any), fine-tune, predict and evaluate one experiment at one seed."""
+    """Pretrain (if any), fine-tune, predict and evaluate one experiment at one seed (test cases as in
+    :func:`held_out_cases`)."""
+    images, labels = held_out_cases(data, test)
     exp = load_experiment(name, (f"seed={seed}", *overrides))
-    folder = Path(out) / name / f"seed{seed}"
+    folder = Path(out) / exp.name / f"seed{seed}"
     common = {"data": data, "device": device, "workers": workers}
     init = None
     if exp.pretrain is not None and exp.pretrain.epochs > 0:
@@ -73,22 +77,23 @@ def run_one(name: str, seed: int, data: Path, out: Path, test: Path | None, over
         _stage(pretrain, init, exp, exp.pretrain.epochs, **common)
     info(f"[bold]{name} seed {seed}: fine-tuning")
     _stage(finetune, folder / "finetune", exp, exp.finetune.epochs, init=init, **common)
-    images, labels = held_out_cases(data, test)
     predict_paths(images, folder / "pred", folder / "finetune", preview=True, device=device)
     report = evaluate_folders(folder / "pred", labels)
     report.write_csv(folder / "metrics.csv")
     report.write_json(folder / "metrics.json")
-    return StudyRun(name, seed, folder, report.mean_per_organ())
+    return StudyRun(exp.name, seed, folder, report.mean_per_organ(),
+                    exp.pretrain.ssl.name if exp.pretrain is not None and exp.pretrain.epochs > 0 else None)
 
 
 def run_study(experiments: list[str], data: Path, out: Path, *, seeds=(0,), test: Path | None = None,
               overrides=(), device: str = "auto", workers: int = 1) -> Path:
     """Run every experiment at every seed, then write ``OUT/report.md``; returns its path."""
+    held_out_cases(data, test)  # before hours of training, not after
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [run_one(name, seed, Path(data), out, test, overrides, device, workers)
             for name in experiments for seed in seeds]
-    (out / "runs.json").write_text(json.dumps([attrs.asdict(r, value_serializer=_plain) for r in runs], indent=1))
+    write_text(json.dumps([attrs.asdict(r, value_serializer=_plain) for r in runs], indent=1), out / "runs.json")
     from seg.core.report import write_report
 
     command = shlex.join(["seg", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("seg") else None

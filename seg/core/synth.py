@@ -537,12 +537,17 @@ def synthetic_case(seed: int, index: int = 0, labeled: bool = True, size: str = 
     return _reorder(images[0], perm, flips), _reorder(images[1], perm, flips)
 
 
+TEST_INDEX = 100_000  # test phantoms are drawn from their own indices: the same whatever --labeled is
+
+
 def write_synthetic_dataset(out, labeled: int, unlabeled: int, seed: int = 0, size: str = "small",
-                            progress=None) -> Path:
-    """Write ``labeled`` phantoms (imagesTr + labelsTr) and ``unlabeled`` ones (unlabeled/) to the new or empty
-    folder ``out``, with a dataset.json naming the 13 FLARE22 organs; ``progress(1)`` after each case."""
-    if labeled < 0 or unlabeled < 0 or seed < 0:
-        raise ConfigError(f"--labeled {labeled}, --unlabeled {unlabeled}, --seed {seed}: must not be negative")
+                            progress=None, test: int = 0) -> Path:
+    """Write ``labeled`` phantoms (imagesTr + labelsTr), ``unlabeled`` ones (unlabeled/) and ``test`` held-out
+    labeled ones (imagesTs + labelsTs) to the new or empty folder ``out``, with a dataset.json naming the 13
+    FLARE22 organs; ``progress(1)`` after each case."""
+    if min(labeled, unlabeled, seed, test) < 0:
+        raise ConfigError(f"--labeled {labeled}, --unlabeled {unlabeled}, --test {test}, --seed {seed}: "
+                          "must not be negative")
     if size not in SIZES:
         raise ConfigError(f"--size {size!r}: expected one of {', '.join(SIZES)}")
     out = Path(out)
@@ -559,7 +564,13 @@ def write_synthetic_dataset(out, labeled: int, unlabeled: int, seed: int = 0, si
         write_image(image, out / "unlabeled" / f"synth_unlabeled_{i:04d}_0000.nii.gz")
         if progress is not None:
             progress(1)
+    for i in range(test):
+        image, label = synthetic_case(seed, TEST_INDEX + i, True, size)
+        write_image(image, out / "imagesTs" / f"synth_test_{i:04d}_0000.nii.gz")
+        write_image(label, out / "labelsTs" / f"synth_test_{i:04d}.nii.gz")
+        if progress is not None:
+            progress(1)
     write_dataset_json(out, FLARE22_LABELS, labeled, extra={
         "name": "SyntheticAbdomenCT", "description": f"synthetic CT phantoms (seg data synth, seed {seed}, {size})",
-        "numUnlabeled": unlabeled})
+        "numUnlabeled": unlabeled, "numTest": test})
     return out
