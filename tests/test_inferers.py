@@ -11,7 +11,7 @@ from torch import nn
 from seg.core import inference, plugins
 from seg.core.errors import ConfigError
 from seg.core.inference import autocast_context, gaussian_importance, resolve_device, resolve_precision
-from seg.plugins.inferers import WholeVolume, ZSlidingWindow, roi_from_counts, window_starts
+from seg.plugins.inferers import WholeVolume, ZSlidingWindow, roi_from_counts, window_plan, window_starts
 
 CPU = torch.device("cpu")
 
@@ -93,14 +93,28 @@ def test_pointwise_network_both_inferers_give_the_direct_softmax(batch):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("depth", [3, 4, 10, 11])
+def test_window_plan_forwards_the_fewest_slices_hand_computed():
+    assert window_plan(83, 80, 0.5, 16, 1.25) == (96, [0])  # one 96-slice window, not two of 80
+    assert window_plan(83, 80, 0.5, 16, 1.0) == (80, [0, 3])  # the paper's fixed window
+    assert window_plan(80, 80, 0.5, 16, 1.25) == (80, [0])
+    assert window_plan(40, 80, 0.5, 16, 1.25) == (80, [0])  # shorter than a window: padded to one
+    assert window_plan(11, 4, 0.5, 2, 1.5) == (6, [0, 2, 5])  # 3 x 6 = 18 slices < 5 x 4 = 20
+    assert window_plan(10, 4, 0.5, 2, 1.5) == (4, [0, 2, 4, 6])  # 4 x 4 = 16 < 3 x 6 = 18
+    assert window_plan(200, 80, 0.5, 16, 1.25) == (80, [0, 40, 80, 120])  # 4 x 80 = 320 < 4 x 96 = 384
+    assert window_plan(90, 16, 0.5, 16, 1.25) == (16, window_starts(90, 16, 0.5))  # 1.25 x 16 < 16 + 16
+
+
+@pytest.mark.parametrize("depth, stretch, window, starts", [
+    (3, 1.0, 4, [0]), (4, 1.0, 4, [0]), (10, 1.0, 4, [0, 2, 4, 6]), (11, 1.0, 4, [0, 2, 4, 5, 7]),
+    (11, 1.5, 6, [0, 2, 5]), (5, 1.5, 6, [0]),
+])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_context_network_matches_brute_force_blend(depth, batch):
+def test_context_network_matches_brute_force_blend(depth, stretch, window, starts, batch):
     net = context_net()
     image = torch.randn(1, 1, depth, 5, 6) + 3.0  # minimum far from 0: padding with 0 would show
-    starts = window_starts(max(depth, 4), 4, 0.5)
-    expected = brute_force_blend(net, image, 4, starts, divisor=2)
-    got = ZSlidingWindow(window=4, overlap=0.5, batch=batch, divisor=2)(net, image, device=CPU, precision="fp32")
+    expected = brute_force_blend(net, image, window, starts, divisor=2)
+    got = ZSlidingWindow(window=4, overlap=0.5, batch=batch, divisor=2, stretch=stretch)(
+        net, image, device=CPU, precision="fp32")
     assert got.shape == (3, depth, 5, 6)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
 
