@@ -10,7 +10,8 @@ from torch import nn
 
 from seg.core import inference, plugins
 from seg.core.errors import ConfigError
-from seg.core.inference import autocast_context, gaussian_importance, resolve_device, resolve_precision
+from seg.core.inference import (autocast_context, gaussian_importance, infer_labels, resolve_device,
+                                 resolve_precision)
 from seg.plugins.inferers import WholeVolume, ZSlidingWindow, roi_from_counts, window_plan, window_starts
 
 CPU = torch.device("cpu")
@@ -298,3 +299,28 @@ def test_fp16_on_cuda_matches_fp32_on_cpu():
         if isinstance(inferer, WholeVolume) or inferer.roi:
             continue
         torch.testing.assert_close(got.float(), reference, atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("roi", [None, "coarse"])
+@pytest.mark.parametrize("depth", [7, 30])
+def test_labels_are_the_argmax_of_the_probabilities_without_holding_them(roi, depth):
+    net = context_net()
+    image = torch.randn(1, 1, depth, 5, 6)
+    image[:, :, depth // 3:depth // 2] += 2.0
+    inferer = ZSlidingWindow(window=4, overlap=0.5, divisor=2, roi=roi)
+    probs = inferer(net, image, device=CPU, precision="fp32")
+    labels = inferer.labels(net, image, device=CPU, precision="fp32")
+    assert labels.dtype == torch.uint8 and labels.shape == (depth, 5, 6)
+    top2 = probs.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-5  # where probabilities nearly tie, either argmax is right
+    assert clear.float().mean() > 0.95
+    assert torch.equal(labels[clear], probs.argmax(0).to(torch.uint8)[clear])
+
+
+def test_infer_labels_falls_back_to_the_argmax_of_an_inferer_without_labels():
+    net = pointwise_net()
+    image = torch.randn(1, 1, 6, 4, 4)
+    whole = WholeVolume(divisor=2)
+    got = infer_labels(whole, net, image, device=CPU, precision="fp32")
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, direct_softmax(net, image).argmax(0).numpy())

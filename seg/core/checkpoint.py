@@ -23,13 +23,17 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
             os.fsync(fh.fileno())
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely; a missing, truncated or code-carrying file is a one-line ``CheckpointError``."""
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint safely; a missing, truncated or code-carrying file is a one-line ``CheckpointError``.
+
+    ``mmap``: map the file instead of reading it, so tensors never touched (a fine-tuning checkpoint's optimizer
+    state, twice the model's size) cost no memory.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise CheckpointError(f"{path}: refused to load (not plain weights: {reason[:160]})") from None

@@ -10,6 +10,10 @@ An **inferer** turns a preprocessed image into class scores::
 - ``scores``: (K, D, H, W) softmax probabilities on the CPU: float32 when ``precision`` is ``"fp32"``,
   float16 otherwise (probabilities lie in [0, 1], where float16 keeps 11 significant bits).
 
+An inferer may also offer ``labels(network, image, *, device, precision) -> labels``: the argmax of its
+scores, uint8 (D, H, W) on the CPU, computed without holding them (``seg predict`` uses it unless probabilities
+are saved; :func:`infer_labels` falls back to the argmax of the scores).
+
 A **postprocessor** maps a uint8 label array (z, y, x) to a new one (the input is not modified).
 
 Precision rule (``resolve_precision``): on CUDA, ``auto`` means fp16 (the paper: about 36 % less GPU memory
@@ -39,6 +43,16 @@ class Inferer(Protocol):
 
     def __call__(self, network: torch.nn.Module, image: torch.Tensor, *, device: torch.device,
                  precision: str) -> torch.Tensor: ...
+
+
+def infer_labels(inferer, network: torch.nn.Module, image: torch.Tensor, *, device: torch.device,
+                 precision: str) -> np.ndarray:
+    """The label array (D, H, W) uint8: the inferer's own ``labels`` if it has one, else its scores' argmax."""
+    if hasattr(inferer, "labels"):
+        labels = inferer.labels(network, image, device=device, precision=precision)
+    else:
+        labels = inferer(network, image, device=device, precision=precision).argmax(0)
+    return labels.numpy().astype(np.uint8, copy=False)
 
 
 @runtime_checkable

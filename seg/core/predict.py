@@ -22,7 +22,7 @@ from seg.core.config import Experiment, load_experiment
 from seg.core.console import progress_bar
 from seg.core.dataset import list_images
 from seg.core.errors import CheckpointError, DataError, SegError
-from seg.core.inference import resolve_device, resolve_precision
+from seg.core.inference import infer_labels, resolve_device, resolve_precision
 from seg.core.io import atomic_path, case_name, image_suffix, read_image, write_image
 from seg.core.model import build_backbone, check_same_backbone, describe_backbone
 from seg.core.preprocessing import Sample, build_pipeline, invert_labels, run_pipeline, to_array
@@ -42,18 +42,27 @@ class Predictor:
     device: torch.device
     precision: str
 
+    def preprocess(self, image: sitk.Image) -> tuple[torch.Tensor, list]:
+        """The network's input (1, 1, z, y, x) and the records that invert the preprocessing."""
+        sample, records = run_pipeline(self.pipeline, Sample(image))
+        return torch.from_numpy(to_array(sample.image))[None, None], records
+
     def scores(self, image: sitk.Image):
         """Class scores (K, z, y, x) on the preprocessed grid, and the records that invert the preprocessing."""
-        sample, records = run_pipeline(self.pipeline, Sample(image))
-        tensor = torch.from_numpy(to_array(sample.image))[None, None]
-        scores = self.inferer(self.network, tensor, device=self.device, precision=self.precision)
-        return scores, records
+        tensor, records = self.preprocess(image)
+        return self.inferer(self.network, tensor, device=self.device, precision=self.precision), records
 
     def labels_for(self, image: sitk.Image, scores=None, records=None) -> sitk.Image:
-        """The uint8 label map of ``image`` on exactly its grid."""
+        """The uint8 label map of ``image`` on exactly its grid (from ``scores`` and ``records`` if given)."""
         if scores is None:
-            scores, records = self.scores(image)
-        labels = scores.argmax(0).numpy().astype(np.uint8)
+            tensor, records = self.preprocess(image)
+            labels = infer_labels(self.inferer, self.network, tensor, device=self.device, precision=self.precision)
+        else:
+            labels = scores.argmax(0).numpy().astype(np.uint8)
+        return self.finish(labels, records)
+
+    def finish(self, labels: np.ndarray, records: list) -> sitk.Image:
+        """Postprocess a label array on the preprocessed grid and map it onto the original grid."""
         for post in self.postprocessors:
             labels = post(labels)
         return invert_labels(self.pipeline, labels, records)
@@ -69,7 +78,7 @@ def load_predictor(run: Path, device: str = "auto", precision: str | None = None
     path = run / "checkpoint_best.pt"
     if not path.exists():
         path = run / "checkpoint_latest.pt"
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, mmap=True)
     if state.get("kind") != "finetune":
         raise CheckpointError(f"{path}: a {state.get('kind')} checkpoint; prediction needs a fine-tuning run")
     saved = state["backbone"]
@@ -141,12 +150,7 @@ def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool 
                 advance(1)
                 continue
             try:
-                image = read_image(path)
-                problems = image_problems(image)
-                if problems:
-                    raise DataError(f"{path}: {problems[0]}")
-                scores, records = predictor.scores(image)
-                labels = predictor.labels_for(image, scores, records)
+                labels, scores, records = _segment(predictor, path, save_probabilities)
             except DataError as exc:
                 if single:
                     raise
@@ -159,10 +163,26 @@ def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool 
             if preview:
                 from seg.core.preview import write_preview
 
-                write_preview(image, labels, target.with_name(target.name.replace(".nii.gz", ".png")))
+                write_preview(read_image(path), labels, target.with_name(target.name.replace(".nii.gz", ".png")))
             summary["done"] += 1
             advance(1)
     return summary
+
+
+def _segment(predictor: Predictor, path: Path, with_scores: bool):
+    """Read, check and segment one image: (label map, scores or None, records)."""
+    image = read_image(path)
+    problems = image_problems(image)
+    if problems:
+        raise DataError(f"{path}: {problems[0]}")
+    tensor, records = predictor.preprocess(image)
+    del image  # the records hold its geometry; its voxels would only grow the peak memory with scan length
+    if with_scores:
+        scores = predictor.inferer(predictor.network, tensor, device=predictor.device, precision=predictor.precision)
+        return predictor.finish(scores.argmax(0).numpy().astype(np.uint8), records), scores, records
+    labels = infer_labels(predictor.inferer, predictor.network, tensor, device=predictor.device,
+                          precision=predictor.precision)
+    return predictor.finish(labels, records), None, records
 
 
 def save_scores(scores: torch.Tensor, records: list, path: Path) -> None:

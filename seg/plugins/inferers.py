@@ -109,8 +109,8 @@ class _ZBlend:
     """
 
     def __init__(self, starts: list[int], window: int, out_shape: tuple[int, int, int], device: torch.device,
-                 dtype: torch.dtype, out: torch.Tensor | None):
-        self.window, self.out_shape, self.dtype, self.out = window, out_shape, dtype, out
+                 dtype: torch.dtype, out: torch.Tensor | None, labels: bool = False):
+        self.window, self.out_shape, self.dtype, self.out, self.labels = window, out_shape, dtype, out, labels
         profile = gaussian_importance((window,)).double()
         total = torch.zeros(starts[-1] + window, dtype=torch.float64)
         for s in starts:
@@ -126,7 +126,8 @@ class _ZBlend:
         if self.ring is None:
             self.ring = torch.zeros_like(probs)
             if self.out is None:
-                self.out = torch.empty((probs.shape[0], *self.out_shape), dtype=self.dtype)
+                shape = self.out_shape if self.labels else (probs.shape[0], *self.out_shape)
+                self.out = torch.empty(shape, dtype=torch.uint8 if self.labels else self.dtype)
         probs.mul_(self.weight.view(1, -1, 1, 1))
         r = start % self.window
         self.ring[:, r:] += probs[:, :self.window - r]
@@ -146,8 +147,11 @@ class _ZBlend:
             if self.done < depth:
                 keep = min(stop, depth) - self.done
                 sums = self.ring[:, slot:slot + keep, :height, :width]
-                mean = sums / self.total[self.done:self.done + keep].view(1, -1, 1, 1)
-                self.out[:, self.done:self.done + keep] = mean.to(self.dtype).cpu()
+                if self.labels:  # dividing by the positive weight total leaves the argmax unchanged
+                    self.out[self.done:self.done + keep] = sums.argmax(0).to(torch.uint8).cpu()
+                else:
+                    mean = sums / self.total[self.done:self.done + keep].view(1, -1, 1, 1)
+                    self.out[:, self.done:self.done + keep] = mean.to(self.dtype).cpu()
             self.ring[:, slot:slot + n] = 0
             self.done = stop
 
@@ -190,27 +194,38 @@ class ZSlidingWindow:
     def __call__(self, network: torch.nn.Module, image: torch.Tensor, *, device: torch.device,
                  precision: str) -> torch.Tensor:
         """Class probabilities (K, D, H, W) on the CPU for ``image`` (1, C, D, H, W) on the CPU."""
-        device = torch.device(device)
+        return self._run(network, image, torch.device(device), precision, labels=False)
+
+    def labels(self, network: torch.nn.Module, image: torch.Tensor, *, device: torch.device,
+               precision: str) -> torch.Tensor:
+        """The argmax of the probabilities, uint8 (D, H, W), without holding them: memory flat in scan length."""
+        return self._run(network, image, torch.device(device), precision, labels=True)
+
+    def _run(self, network, image, device, precision, labels: bool) -> torch.Tensor:
         pad_value = float(image.min())
         with torch.inference_mode():
             if self.roi != "coarse":
-                return self._blend(network, image, device, precision, pad_value)
+                return self._blend(network, image, device, precision, pad_value, labels=labels)
             z_range, classes = self._coarse_range(network, image, device, precision, pad_value)
             depth = image.shape[2]
             if z_range is None or z_range == (0, depth):
-                return self._blend(network, image, device, precision, pad_value)
+                return self._blend(network, image, device, precision, pad_value, labels=labels)
             z0, z1 = z_range
+            if labels:
+                out = torch.zeros(image.shape[2:], dtype=torch.uint8)
+                self._blend(network, image[:, :, z0:z1], device, precision, pad_value, out[z0:z1], labels=True)
+                return out
             out = torch.zeros((classes, *image.shape[2:]), dtype=scores_dtype(precision))
             out[0] = 1
             self._blend(network, image[:, :, z0:z1], device, precision, pad_value, out[:, z0:z1])
             return out
 
-    def _blend(self, network, image, device, precision, pad_value, out=None) -> torch.Tensor:
+    def _blend(self, network, image, device, precision, pad_value, out=None, labels=False) -> torch.Tensor:
         _, _, depth, height, width = image.shape
         window, starts = window_plan(depth, self.window, self.overlap, self.divisor, self.stretch)
         size = (max(depth, window), _round_up(height, self.divisor), _round_up(width, self.divisor))
         padded = _pad_end(image, size, pad_value)
-        blend = _ZBlend(starts, window, (depth, height, width), device, scores_dtype(precision), out)
+        blend = _ZBlend(starts, window, (depth, height, width), device, scores_dtype(precision), out, labels)
         for i in range(0, len(starts), self.batch):
             group = starts[i:i + self.batch]
             batch = torch.cat([padded[:, :, s:s + window] for s in group])
