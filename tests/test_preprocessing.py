@@ -367,3 +367,36 @@ def test_permute_flip_is_its_own_inverse_when_undone():
     back = permute_flip(out, [1, 2, 0], [False, True, True])
     assert Geometry.of(back).matches(Geometry.of(image), tol=1e-9)
     assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+
+
+def test_label_vote_when_upsampling_matches_dense_one_hot_argmax():
+    """The two-tap path (every output between two inputs per axis, as when a prediction goes back to the
+    original grid) against the dense computation, including positions past the borders."""
+    from seg.plugins.preprocess import _two_taps
+
+    rng = np.random.default_rng(7)
+    labels = np.zeros((6, 7, 8), np.uint8)
+    labels[1:5, 2:6, 1:6] = 2
+    labels[3:6, 0:4, 4:8] = 5
+    labels[rng.random(labels.shape) < 0.1] = 9
+    weights = [linear_matrix(n, np.linspace(-0.45, n - 0.55, m), 1.0) for n, m in zip(labels.shape, (13, 20, 17))]
+    assert all(_two_taps(w) is not None for w in weights)
+    values = np.array([0, 2, 5, 9])
+    stacked = np.stack([np.einsum("az,by,cx,zyx->abc", *weights, (labels == v).astype(float)) for v in values])
+    expected = values[np.argmax(stacked, axis=0)]
+    margin = np.sort(stacked, axis=0)
+    clear = margin[-1] - margin[-2] > 1e-6
+    assert clear.mean() > 0.9
+    got = vote(labels, weights)
+    assert got.dtype == np.uint8 and got.shape == (13, 20, 17)
+    assert np.array_equal(got[clear], expected[clear])
+    exact_tie = np.isclose(margin[-1], margin[-2], atol=1e-12) & np.isclose(margin[-1], stacked[0])
+    assert (got[exact_tie] == 0).all()  # background wins ties, as in the general path
+
+
+def test_two_taps_refuses_wider_kernels():
+    from seg.plugins.preprocess import _two_taps
+
+    assert _two_taps(linear_matrix(20, np.linspace(0, 19, 7), 20 / 7)) is None  # shrinking: up to 6 taps
+    first, second = _two_taps(linear_matrix(5, np.array([0.0, 0.25, 3.5, 4.0]), 1.0))
+    assert first.tolist() == [0, 0, 3, 4] and second.tolist() == [0.0, 0.25, 0.5, 0.0]
