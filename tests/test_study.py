@@ -84,6 +84,11 @@ def test_adrenal_verdict_compares_the_difference_with_the_seed_spread(pretrained
     assert f"{100 * statistics.fmean(pretrained):.1f} ± {100 * statistics.stdev(pretrained):.1f}" in text
 
 
+def test_adrenal_verdict_says_when_no_run_found_the_adrenals():
+    runs = [_run("scratch", 0, 0.0, None), _run("scratch", 1, 0.0, None), _run("pcrl", 0, 0.004), _run("pcrl", 1, 0.0)]
+    assert "Not testable" in adrenal_verdict(runs)
+
+
 def test_adrenal_verdict_needs_a_baseline_and_several_seeds():
     assert "not tested" in adrenal_verdict([_run("pcrl", 0, 0.5)])
     assert "one seed" in adrenal_verdict([_run("pcrl", 0, 0.5), _run("scratch", 0, 0.1, None)])

@@ -80,6 +80,9 @@ def adrenal_verdict(runs) -> str:
     if not baselines:
         return "No experiment without pretraining in this study, so the pretraining finding was not tested."
     baseline = next(iter(baselines))
+    if max(_adrenal(r) for r in runs) < 0.01:
+        return ("- **Not testable at this scale**: no run segmented the adrenal glands (DSC below 1 % in every run), "
+                "so pretraining had nothing to improve on them.")
     base_mean, base_std = _mean_std([_adrenal(r) for r in runs if r.experiment == baseline])
     lines = []
     for name in _experiments(runs):
