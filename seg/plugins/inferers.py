@@ -232,6 +232,7 @@ class ZSlidingWindow:
             probs = torch.softmax(_logits(network, batch, device, precision, "z_sliding_window"), 1, torch.float32)
             for start, window_probs in zip(group, probs):
                 blend.add(start, window_probs)
+            del batch, probs, window_probs  # not alive during the next forward pass: a flat memory peak
         return blend.finish()
 
     def _coarse_range(self, network, image, device, precision, pad_value):

@@ -370,7 +370,7 @@ def _two_taps(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return first, np.where(second > first, w[rows, second], 0.0)
 
 
-def _vote_two_taps(labels: np.ndarray, taps, slab: int = 16) -> np.ndarray:
+def _vote_two_taps(labels: np.ndarray, taps, slab: int = 16, chunk: int = 1 << 19) -> np.ndarray:
     """:func:`vote` when every output voxel reads 2 x 2 x 2 input voxels (``taps``: per axis the first input
     index and the weight of the second). Where the eight agree (their minimum, taken on the input grid, equals
     their maximum) that is the label; elsewhere each candidate scores the summed trilinear weights of the
@@ -389,20 +389,26 @@ def _vote_two_taps(labels: np.ndarray, taps, slab: int = 16) -> np.ndarray:
         out[start:start + slab] = block
         if not mixed[0].size:
             continue
-        index = (mixed[0] + start, mixed[1], mixed[2])  # output indices of the mixed voxels
-        corners, weight = [], torch.ones((len(index[0]), 8), dtype=torch.float64)
-        for k in range(8):
-            bits = (k >> 2 & 1, k >> 1 & 1, k & 1)
-            at = tuple((second if bit else first)[i] for first, second, i, bit in zip(firsts, seconds, index, bits))
-            corners.append(torch.from_numpy(labels[at].astype(np.int64)))
-            for t, i, bit in zip((tz, ty, tx), index, bits):
-                weight[:, k] *= torch.from_numpy(t[i] if bit else 1 - t[i])
-        corners = torch.stack(corners, dim=1)
-        score = torch.zeros((len(corners), int(corners.max()) + 1), dtype=torch.float64)
-        score.scatter_add_(1, corners, weight)
-        top = score >= score.amax(dim=1, keepdim=True) - 1e-9  # ties: the lowest label, background first
-        out[index] = top.to(torch.uint8).argmax(dim=1).to(torch.uint8).numpy()
+        for part in range(0, len(mixed[0]), chunk):
+            index = (mixed[0][part:part + chunk] + start, mixed[1][part:part + chunk], mixed[2][part:part + chunk])
+            out[index] = _vote_corners(labels, index, firsts, seconds, (tz, ty, tx))
     return out
+
+
+def _vote_corners(labels, index, firsts, seconds, fractions) -> np.ndarray:
+    """The labels of the output voxels at ``index`` from their eight corners' trilinear weights."""
+    corners, weight = [], torch.ones((len(index[0]), 8), dtype=torch.float64)
+    for k in range(8):
+        bits = (k >> 2 & 1, k >> 1 & 1, k & 1)
+        at = tuple((second if bit else first)[i] for first, second, i, bit in zip(firsts, seconds, index, bits))
+        corners.append(torch.from_numpy(labels[at].astype(np.int64)))
+        for t, i, bit in zip(fractions, index, bits):
+            weight[:, k] *= torch.from_numpy(t[i] if bit else 1 - t[i])
+    corners = torch.stack(corners, dim=1)
+    score = torch.zeros((len(corners), int(corners.max()) + 1), dtype=torch.float64)
+    score.scatter_add_(1, corners, weight)
+    top = score >= score.amax(dim=1, keepdim=True) - 1e-9  # ties: the lowest label, background first
+    return top.to(torch.uint8).argmax(dim=1).to(torch.uint8).numpy()
 
 
 class Resample:
