@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from seg import __version__
@@ -120,8 +121,8 @@ def data_prepare(data_dir, experiment, overrides, workers):
     cache_dir = cache.default_cache_dir(data_dir, steps)
     with progress_bar("preprocessing", len(cases)) as advance:
         skipped = cache.prepare(cases, cache_dir, steps, workers=workers, progress=advance)
-    for case, error in skipped:
-        console.print(f"[yellow]skipped {case.image}: {error}")
+    for _, error in skipped:
+        console.print(f"[yellow]skipped unreadable scan {escape(str(error))}", highlight=False)  # names the file
     console.print(f"cache: {cache_dir} ({len(cases) - len(skipped)} cases)")
 
 
@@ -155,9 +156,11 @@ def run_pretrain(data_dir, out, experiment, overrides, backbone, resume, epochs,
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(nproc)
     from seg.core.pretrain import pretrain
+    from seg.core.runs import discarded_if_refused
 
     exp = None if resume else _experiment(experiment, overrides, backbone=backbone, **{"pretrain.ssl": ssl})
-    pretrain(data_dir, out, exp, resume=resume, device=device, workers=workers, epochs=epochs)
+    with discarded_if_refused(out, resume):
+        pretrain(data_dir, out, exp, resume=resume, device=device, workers=workers, epochs=epochs)
     console.print(f"[green]pretraining run written to {out}")
 
 
@@ -169,9 +172,11 @@ def run_finetune(data_dir, out, experiment, overrides, backbone, resume, epochs,
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(nproc)
     from seg.core.finetune import finetune
+    from seg.core.runs import discarded_if_refused
 
     exp = None if resume else _experiment(experiment, overrides, backbone=backbone)
-    finetune(data_dir, out, exp, init=init, resume=resume, device=device, workers=workers, epochs=epochs)
+    with discarded_if_refused(out, resume):
+        finetune(data_dir, out, exp, init=init, resume=resume, device=device, workers=workers, epochs=epochs)
     console.print(f"[green]fine-tuning run written to {out}")
 
 
@@ -215,7 +220,11 @@ def evaluate(pred, gt, out, tolerance, per_case):
     """Dice and normalized surface Dice per case and organ (FLARE22 rules)."""
     from seg.core.console import progress_bar
     from seg.core.evaluate import evaluate_folders
+    from seg.core.io import check_output_file
 
+    if out:  # refuse an unwritable --out before the (long) evaluation, not after it
+        check_output_file(out, "--out")
+        check_output_file(Path(out).with_suffix(".json"), "--out")
     with progress_bar("evaluating", None) as advance:
         report = evaluate_folders(pred, gt, tolerances=tolerance, progress=advance)
     wide = console if console.is_terminal else Console(stderr=True, width=max(console.width, 140))
@@ -302,13 +311,21 @@ def main(argv=None) -> None:
     except click.exceptions.Abort:
         console.print("[red]interrupted")
         raise SystemExit(130) from None
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # `seg run` alone: the help, as before
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.UsageError as exc:  # one line, like every other error: "error: seg CMD: what is wrong"
+        where = exc.ctx.command_path if exc.ctx else "seg"
+        console.print(f"[red]error: {escape(where)}: {escape(exc.format_message())} (see {escape(where)} --help)",
+                      highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
     except click.ClickException as exc:
         exc.show()
         raise SystemExit(exc.exit_code) from None
     except SegError as exc:
         if debug:
             raise
-        console.print(f"[red]error: {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error: {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[red]interrupted")

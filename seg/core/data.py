@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
+
 from seg.core import cache
 from seg.core.check import check_dataset
 from seg.core.config import Experiment
@@ -24,10 +26,10 @@ def checked_dataset(data: Path, exp: Experiment) -> Dataset:
     if fatal and fatal[0].file == str(data):
         raise DataError(f"{data}: {fatal[0].problem}")
     if fatal:
-        raise CheckFailed(f"{fatal[0].file}: {fatal[0].problem} ({len(fatal)} problem(s) in {data}; "
+        raise CheckFailed(f"{Path(data) / fatal[0].file}: {fatal[0].problem} ({len(fatal)} problem(s) in {data}; "
                           f"`seg data check {data}` lists them all)")
     for problem in problems:
-        info(f"[yellow]{problem.file}: {problem.problem}")
+        info(f"[yellow]{escape(str(Path(data) / problem.file))}: {escape(problem.problem)}")
     return open_dataset(data, unlabeled_dir=exp.unlabeled_dir)
 
 
@@ -36,7 +38,7 @@ def _prepared(data: Path, exp: Experiment, cases, workers: int) -> list:
     cache_dir = cache.default_cache_dir(data, steps)
     skipped = cache.prepare(cases, cache_dir, steps, workers=workers)
     for case, error in skipped:
-        info(f"[yellow]skipped unreadable scan {case.image}: {error}")
+        info(f"[yellow]skipped unreadable scan {escape(str(error))}")  # the message starts with the file
     bad = {case.name for case, _ in skipped}
     return [cache.load(cache_dir, c.name) for c in cases if c.name not in bad]
 

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from rich import box
 from rich.table import Table
 
+from seg.core.check import _label_values
 from seg.core.dataset import FLARE22_LABELS, parse_labels
 from seg.core.errors import ConfigError, DataError
 from seg.core.io import Geometry, case_name, image_suffix, read_image, write_text
@@ -142,6 +143,14 @@ def labels_near(gt_dir: Path) -> dict[int, str]:
     return {v: n for n, v in FLARE22_LABELS.items() if v != 0}
 
 
+def _labels_source(gt_dir: Path) -> str:
+    """Where :func:`labels_near` found the labels, for messages."""
+    for folder in (gt_dir, gt_dir.parent):
+        if (folder / "dataset.json").is_file():
+            return f"from {folder / 'dataset.json'}"
+    return "FLARE22's 13 organs; put a dataset.json beside the ground truth for others"
+
+
 def resolve_tolerances(labels: dict[int, str], tolerances=None) -> dict[int, float]:
     """NSD tolerance in mm per label: one number for all, a mapping per label value, or (None) FLARE22's
     tolerance of the organ each label names."""
@@ -198,7 +207,8 @@ def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder, option in ((pred_dir, "--pred"), (gt_dir, "--gt")):
         if not folder.is_dir():
-            raise DataError(f"{option} {folder}: no such folder")
+            raise DataError(f"{option} {folder}: " + ("not a folder" if folder.exists() else "no such folder"))
+    complete = not labels  # labels read from dataset.json (or FLARE22's) list every value a label map may hold
     labels = dict(labels) if labels else labels_near(gt_dir)
     if 0 in labels:
         raise ConfigError("labels: value 0 is the background and cannot be scored")
@@ -207,6 +217,9 @@ def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
     gts, preds = _images_by_case(gt_dir, "--gt"), _images_by_case(pred_dir, "--pred")
     if not gts:
         raise DataError(f"--gt {gt_dir}: no label maps in this folder")
+    if not preds:
+        raise DataError(f"--pred {pred_dir}: no label maps in this folder (expected CASE.nii.gz files named like "
+                        f"the ground truth's, e.g. {next(iter(gts.values())).name})")
     rows, missing = [], []
     for case, gt_path in gts.items():
         pred_path = preds.get(case)
@@ -224,6 +237,11 @@ def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
             for name, array, path in (("prediction", pred, pred_path), ("ground truth", gt, gt_path)):
                 if array.dtype.kind not in "iub" or array.min() < 0:
                     raise DataError(f"{path}: a {name} label map must hold non-negative integer labels")
+                if complete:
+                    extra = sorted(_label_values(array)[0] - {0, *labels})
+                    if extra:
+                        raise DataError(f"{path}: {name} label values {extra[:10]} are not among the labels "
+                                        f"{sorted(labels)} ({_labels_source(gt_dir)})")
             scores = evaluate_case(pred, gt, spacing, labels, tolerances, slice_limited=slice_limited)
             rows += [{"case": case, "organ": labels[v], "label": v, "dsc": d, "nsd": n} for v, (d, n) in scores.items()]
         if progress is not None:

@@ -18,7 +18,7 @@ import attrs
 import numpy as np
 import SimpleITK as sitk
 
-from seg.core.errors import DataError
+from seg.core.errors import DataError, SegError
 
 #: Refuse images larger than this many voxels (2 giga-voxels, about a 1024 x 1024 x 2000 scan).
 MAX_VOXELS = int(os.environ.get("SEG_MAX_VOXELS", 2 * 1024**3))
@@ -188,33 +188,80 @@ def read_image(path: str | os.PathLike, pixel_type=None) -> sitk.Image:
     return image
 
 
+class OutputError(SegError, OSError):
+    """An output that cannot be written: still an ``OSError`` for callers that catch those, and a one-line
+    user error (exit 2) naming the path for the CLI."""
+
+
+def _unwritable(target: Path, exc: OSError) -> OutputError:
+    """The one-line error for an output that cannot be written (a file where a folder is needed, no space...)."""
+    if isinstance(exc, OutputError):
+        return exc
+    if isinstance(exc, IsADirectoryError) and target.is_dir():
+        return OutputError(f"{target}: is a folder; expected a file path")
+    blocker = next((p for p in target.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return OutputError(f"{target}: cannot write ({blocker} is a file, not a folder)")
+    return OutputError(f"{target}: cannot write ({exc.strerror or exc})")
+
+
+def check_output_file(target: str | os.PathLike, option: str) -> None:
+    """Refuse, before any work is done, an output file path that cannot be written: an existing folder, a path
+    under a file, or a folder where no file can be created (tried for real: permission bits mean nothing to
+    root). Nothing is left behind; failures that only show when writing raise OutputError then."""
+    target = Path(target)
+    if target.is_dir():
+        raise OutputError(f"{option} {target}: is a folder; give a file path")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {target}: cannot write there ({parent} is a file, not a folder)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{option} {target}: cannot write there ({exc.strerror or exc})") from None
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside ``target``; on success rename it onto ``target``, else delete it.
 
     Readers never see a half-written ``target``: it either keeps its old content or gets the new one whole.
+    A target that cannot be written (its folder cannot be made, no space, a folder in its place) raises
+    ``OutputError`` naming it.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix if suffix is not None else (image_suffix(target) or target.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    except OSError as exc:
+        raise _unwritable(target, exc) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         yield Path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _unwritable(target, exc) from None
         raise
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
     """Write ``image`` to ``path`` atomically (format from the suffix)."""
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+        except RuntimeError as exc:
+            raise OutputError(f"{path}: cannot write the image ({_first_line(exc)})") from None
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:

@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,3 +44,33 @@ def open_run_dir(out: Path, exp: Experiment | None, resume: bool) -> Experiment:
         except OSError as exc:
             raise SegError(f"--out {out}: cannot write there ({exc.strerror})") from None
     return exp
+
+
+@contextlib.contextmanager
+def discarded_if_refused(out: Path, resume: bool):
+    """Around a new run into ``out``: if it stops with a user error (``SegError``: a bad dataset, checkpoint...)
+    before writing its first checkpoint, remove what it wrote, so a refused run leaves nothing behind.
+
+    Only what this run created goes: the folder (and missing parents) if it did not exist, else the entries it
+    added to an existing folder. Resumed runs, checkpointed runs and crashes (tracebacks) keep everything.
+    """
+    out = Path(out)
+    created = [] if resume else [p for p in (out, *out.parents) if not p.exists() and not p.is_symlink()]
+    before = set(os.listdir(out)) if not resume and not created and out.is_dir() else None
+    try:
+        yield
+    except SegError:
+        if (created or before is not None) and distributed.is_main() and out.is_dir() and not (out / LATEST).exists():
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+                for parent in created[1:]:
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+            else:
+                for name in set(os.listdir(out)) - before:
+                    path = out / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        raise

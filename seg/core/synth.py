@@ -553,6 +553,10 @@ def write_synthetic_dataset(out, labeled: int, unlabeled: int, seed: int = 0, si
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not an empty folder; give a new one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out}: cannot create the folder ({exc.strerror or exc})") from None
     for i in range(labeled):
         image, label = synthetic_case(seed, i, True, size)
         write_image(image, out / "imagesTr" / f"synth_{i:04d}_0000.nii.gz")
