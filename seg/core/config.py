@@ -271,7 +271,7 @@ def load_experiment(name_or_file: str, overrides=(), registry: Path | None = Non
     if name_or_file.endswith(".toml"):
         raw = read_toml(candidate)
         exp_name = raw.pop("name", candidate.stem)
-        return build_experiment(raw, exp_name, candidate.name, overrides)
+        return build_experiment(raw, exp_name, str(candidate), overrides)
     experiments = raw_experiments(registry)
     if name_or_file not in experiments:
         known = ", ".join(sorted(experiments))

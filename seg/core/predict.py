@@ -21,7 +21,7 @@ from seg.core.check import image_problems
 from seg.core.config import Experiment, load_experiment
 from seg.core.console import progress_bar
 from seg.core.dataset import list_images
-from seg.core.errors import CheckpointError, DataError, SegError
+from seg.core.errors import CheckpointError, ConfigError, DataError, SegError
 from seg.core.inference import infer_labels, resolve_device, resolve_precision
 from seg.core.io import atomic_path, case_name, image_suffix, read_image, write_image
 from seg.core.model import build_backbone, check_same_backbone, describe_backbone
@@ -92,9 +92,14 @@ def load_predictor(run: Path, device: str = "auto", precision: str | None = None
     network.to(dev).eval()
     options = dict(exp.predict.inferer.options)
     if overlap is not None:
+        if not 0 <= overlap < 1:
+            raise ConfigError(f"--overlap {overlap}: must be in [0, 1)")
         options["overlap"] = overlap
-    inferer = plugins.get("inferers", exp.predict.inferer.name)(**options)
-    posts = [plugins.get("inferers", c.name)(**c.options) for c in exp.predict.postprocess]
+    try:
+        inferer = plugins.get("inferers", exp.predict.inferer.name)(**options)
+        posts = [plugins.get("inferers", c.name)(**c.options) for c in exp.predict.postprocess]
+    except ConfigError as exc:
+        raise ConfigError(f"{run / CONFIG}: {exc}") from None
     prec = resolve_precision(precision or exp.predict.precision, dev)
     return Predictor(exp, network, json.loads(state["labels"]), build_pipeline(
         [(c.name, dict(c.options)) for c in exp.preprocess]), inferer, posts, dev, prec)

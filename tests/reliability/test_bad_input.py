@@ -3,7 +3,7 @@
 Exit codes: 2 for a bad command line, option, name, configuration, input file or checkpoint; 1 for a check that
 found problems (`seg data check`) and for `seg predict` on a folder where some cases failed (the rest are written).
 
-Cases tried (54; ``test_bad_input_more.py`` tries 45 more, 99 in all). A case is one bad input through one
+Cases tried (54; ``test_bad_input_more.py`` tries 46 more, 100 in all). A case is one bad input through one
 command; a refused training run leaves no run folder behind.
  data check (13): missing path, empty folder, truncated .nii.gz, text file as image, 2D image, 4D image, MR scan
    as CT, constant intensities, NaN intensities, label geometry differs from image, label values not in

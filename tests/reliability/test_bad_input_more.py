@@ -1,10 +1,10 @@
 """More bad input (issue #8, the remaining gaps): one clear line, exit code 1 or 2, no traceback, nothing left.
 
-Same rules as ``test_bad_input.py`` (54 cases); this file tries 45 more, 99 in all. "Unwritable" outputs are
+Same rules as ``test_bad_input.py`` (54 cases); this file tries 46 more, 100 in all. "Unwritable" outputs are
 paths that really cannot be written even by root (the tests run as root, where permission bits block nothing):
 a path under a regular file, or under /proc.
 
-Cases tried (45):
+Cases tried (46):
  data check (1): a path with [brackets] is named intact (not eaten as console markup);
  data synth (4): negative count, non-empty existing folder, output under a file, output under /proc;
  data prepare (8): empty folder, empty dataset (dataset.json but no image), 2D image, 4D image, unknown
@@ -14,7 +14,7 @@ Cases tried (45):
    unlabeled scan in a dataset with no labeled case (skipped and named, the run proceeds), --resume from a
    truncated checkpoint;
  run finetune (1): --out under a file;
- predict (9): unknown inferer in the run's config.toml (predict has no --set: the run's config is its
+ predict (10): unknown inferer or overlap=1.5 in the run's config.toml (predict has no --set: the run's config is its
    experiment), malformed config.toml, weights of another backbone than the config names, --overlap 1.5,
    --overlap -0.1, output under a file (single image, folder of images), output under /proc, -o an existing
    folder for a single image (not an error: the label map goes inside it);
@@ -226,12 +226,15 @@ def _edit_config(run: Path, pattern: str, replacement: str) -> None:
 @pytest.mark.parametrize("how, fragments", [
     ("inferer", ["config.toml", "unknown inferer 'nope'"]),
     ("malformed", ["config.toml", "invalid TOML"]),
+    ("overlap", ["run/config.toml", "overlap=1.5 must be in [0, 1)"]),
     ("backbone", ["checkpoint_best.pt", "made with backbone vnet", "this run uses unet3d"]),
 ])
 def test_predict_refuses_a_run_folder_it_cannot_use(smoke_run, synth_data, tmp_path, how, fragments):
     run = Path(shutil.copytree(smoke_run, tmp_path / "run"))
     if how == "inferer":
         _edit_config(run, r'(\[predict\.inferer\]\nname = )"[a-z_]+"', r'\1"nope"')
+    elif how == "overlap":
+        _edit_config(run, r'overlap = 0\.5', 'overlap = 1.5')
     elif how == "malformed":
         with (run / "config.toml").open("a") as fh:
             fh.write("\n[predict\n")
