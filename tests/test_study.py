@@ -42,6 +42,14 @@ def test_study_runs_every_stage_and_writes_a_self_contained_report(study):
         assert (out / link).is_file(), link  # every picture the report shows is in OUT
 
 
+def test_report_plots_with_matplotlib(study):
+    pytest.importorskip("matplotlib", reason="the plots are the optional seg[report] extra")
+    out, report = study
+    text = report.read_text()
+    for name in ("curves.png", "organs_dsc.png"):
+        assert (out / "figures" / name).stat().st_size > 1000 and f"(figures/{name})" in text
+
+
 def test_report_numbers_are_the_evaluations_numbers(study):
     out, report = study
     with open(out / "smoke-scratch/seed0/metrics.csv", newline="") as f:
