@@ -370,11 +370,13 @@ def _two_taps(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return first, np.where(second > first, w[rows, second], 0.0)
 
 
-def _vote_two_taps(labels: np.ndarray, taps, slab: int = 16, chunk: int = 1 << 19) -> np.ndarray:
+def _vote_two_taps(labels: np.ndarray, taps, slab: int = 8, chunk: int = 1 << 19) -> np.ndarray:
     """:func:`vote` when every output voxel reads 2 x 2 x 2 input voxels (``taps``: per axis the first input
     index and the weight of the second). Where the eight agree (their minimum, taken on the input grid, equals
     their maximum) that is the label; elsewhere each candidate scores the summed trilinear weights of the
-    corners holding it. Output slabs of ``slab`` slices keep the working memory independent of scan length."""
+    corners holding it: voxel by voxel, or the whole slab at once where most voxels are mixed (a speckled map,
+    :func:`_vote_dense`). Output slabs of ``slab`` slices, and mixed voxels ``chunk`` at a time, keep the working
+    memory independent of scan length."""
     (z0, tz), (y0, ty), (x0, tx) = taps
     firsts, seconds = (z0, y0, x0), [np.minimum(i + 1, n - 1) for i, n in zip((z0, y0, x0), labels.shape)]
     padded = np.pad(labels, [(0, 1)] * 3, mode="edge")
@@ -389,10 +391,34 @@ def _vote_two_taps(labels: np.ndarray, taps, slab: int = 16, chunk: int = 1 << 1
         out[start:start + slab] = block
         if not mixed[0].size:
             continue
+        if len(mixed[0]) > block.size // 8:  # mostly mixed (a speckled map): score the whole slab densely
+            stop = min(start + slab, len(z0))
+            out[start:stop] = _vote_dense(labels, (firsts, seconds), (tz, ty, tx), start, stop)
+            continue
         for part in range(0, len(mixed[0]), chunk):
             index = (mixed[0][part:part + chunk] + start, mixed[1][part:part + chunk], mixed[2][part:part + chunk])
             out[index] = _vote_corners(labels, index, firsts, seconds, (tz, ty, tx))
     return out
+
+
+def _vote_dense(labels, taps, fractions, start: int, stop: int) -> np.ndarray:
+    """The labels of output slices ``start:stop``, every voxel scored from its eight corners (all in torch:
+    gathers along each axis, separable weights, one scatter-add per corner)."""
+    source = torch.from_numpy(np.array(labels))  # a small writable copy of the input grid
+    (z_first, y_first, x_first), (z_second, y_second, x_second) = taps
+    tz, ty, tx = (torch.from_numpy(t).to(torch.float32) for t in fractions)
+    tz = tz[start:stop]
+    scores = torch.zeros((int(labels.max()) + 1, stop - start, len(ty), len(tx)), dtype=torch.float32)
+    for zi, wz in ((z_first, 1 - tz), (z_second, tz)):
+        plane = source.index_select(0, torch.from_numpy(zi[start:stop]))
+        for yi, wy in ((y_first, 1 - ty), (y_second, ty)):
+            rows = plane.index_select(1, torch.from_numpy(yi))
+            for xi, wx in ((x_first, 1 - tx), (x_second, tx)):
+                corner = rows.index_select(2, torch.from_numpy(xi)).long()
+                weight = wz.view(-1, 1, 1) * wy.view(1, -1, 1) * wx.view(1, 1, -1)
+                scores.scatter_add_(0, corner[None], weight[None])
+    top = scores >= scores.amax(dim=0, keepdim=True) - 1e-6  # ties (within float32 rounding): the lowest label
+    return top.to(torch.uint8).argmax(dim=0).to(torch.uint8).numpy()
 
 
 def _vote_corners(labels, index, firsts, seconds, fractions) -> np.ndarray:
