@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 console = Console(stderr=True)
 log = logging.getLogger("seg")
@@ -27,8 +28,8 @@ def is_quiet() -> bool:
 
 
 def info(message: str) -> None:
-    """Print a message for the user (unless quiet) and log it."""
-    log.info(message)
+    """Print a message for the user (unless quiet) and log it (as plain text, the console markup removed)."""
+    log.info(Text.from_markup(message).plain)
     if not _quiet:
         console.print(message)
 
