@@ -122,3 +122,4 @@ def test_study_without_test_cases_says_where_it_looked(tmp_path):
     result = seg_cli("study", "--experiments", "smoke-scratch", "--data", str(tmp_path / "data"), "--out",
                      str(tmp_path / "o"))
     assert_one_line_error(result, "imagesTs", "--test")
+    assert not (tmp_path / "o").exists()

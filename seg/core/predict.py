@@ -55,11 +55,17 @@ class Predictor:
     def labels_for(self, image: sitk.Image, scores=None, records=None) -> sitk.Image:
         """The uint8 label map of ``image`` on exactly its grid (from ``scores`` and ``records`` if given)."""
         if scores is None:
-            tensor, records = self.preprocess(image)
+            return self.segment(*self.preprocess(image))[0]
+        return self.finish(scores.argmax(0).numpy().astype(np.uint8), records)
+
+    def segment(self, tensor: torch.Tensor, records: list, with_scores: bool = False):
+        """The label map on the original grid of a preprocessed input, and its class scores if ``with_scores``
+        (else None: the labels then come from the inferer without a classes x volume array)."""
+        if not with_scores:
             labels = infer_labels(self.inferer, self.network, tensor, device=self.device, precision=self.precision)
-        else:
-            labels = scores.argmax(0).numpy().astype(np.uint8)
-        return self.finish(labels, records)
+            return self.finish(labels, records), None
+        scores = self.inferer(self.network, tensor, device=self.device, precision=self.precision)
+        return self.finish(scores.argmax(0).numpy().astype(np.uint8), records), scores
 
     def finish(self, labels: np.ndarray, records: list) -> sitk.Image:
         """Postprocess a label array on the preprocessed grid and map it onto the original grid."""
@@ -182,12 +188,7 @@ def _segment(predictor: Predictor, path: Path, with_scores: bool):
         raise DataError(f"{path}: {problems[0]}")
     tensor, records = predictor.preprocess(image)
     del image  # the records hold its geometry; its voxels would only grow the peak memory with scan length
-    if with_scores:
-        scores = predictor.inferer(predictor.network, tensor, device=predictor.device, precision=predictor.precision)
-        return predictor.finish(scores.argmax(0).numpy().astype(np.uint8), records), scores, records
-    labels = infer_labels(predictor.inferer, predictor.network, tensor, device=predictor.device,
-                          precision=predictor.precision)
-    return predictor.finish(labels, records), None, records
+    return (*predictor.segment(tensor, records, with_scores), records)
 
 
 def save_scores(scores: torch.Tensor, records: list, path: Path) -> None:

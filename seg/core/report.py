@@ -99,7 +99,8 @@ def adrenal_verdict(runs) -> str:
         else:
             verdict = "**not resolved**: the difference is within the seed-to-seed spread"
         lines.append(f"- `{name}` vs `{baseline}`: adrenal mean DSC {100 * mean:.1f} ± {100 * std:.1f} vs "
-                     f"{100 * base_mean:.1f} ± {100 * base_std:.1f} (%, mean ± sd over seeds) — the finding {verdict}.")
+                     f"{100 * base_mean:.1f} ± {100 * base_std:.1f} (%, mean ± sd over seeds) — "
+                     f"the finding {verdict}.")
     return "\n".join(lines)
 
 
@@ -182,8 +183,10 @@ def _overlays(runs, figures: Path) -> str:
         previews = sorted((run.folder / "pred").glob("*.png"))
         if previews:
             target = figures / f"overlay_{name}.png"
-            shutil.copyfile(previews[0], target)
-            lines.append(f"**{name}**, seed {run.seed} ({previews[0].stem}):\n\n![{name}]({target.relative_to(figures.parent)})\n")
+            with atomic_path(target) as tmp:
+                shutil.copyfile(previews[0], tmp)
+            link = target.relative_to(figures.parent)
+            lines.append(f"**{name}**, seed {run.seed} ({previews[0].stem}):\n\n![{name}]({link})\n")
     return "\n".join(lines)
 
 

@@ -71,8 +71,9 @@ def run_one(name: str, seed: int, data: Path, out: Path, test: Path | None, over
     folder = Path(out) / exp.name / f"seed{seed}"
     common = {"data": data, "device": device, "workers": workers}
     init = None
-    if exp.pretrain is not None and exp.pretrain.epochs > 0:
-        info(f"[bold]{name} seed {seed}: pretraining ({exp.pretrain.ssl.name})")
+    ssl = exp.pretrain.ssl.name if exp.pretrain is not None and exp.pretrain.epochs > 0 else None
+    if ssl is not None:
+        info(f"[bold]{name} seed {seed}: pretraining ({ssl})")
         init = folder / "pretrain"
         _stage(pretrain, init, exp, exp.pretrain.epochs, **common)
     info(f"[bold]{name} seed {seed}: fine-tuning")
@@ -81,16 +82,13 @@ def run_one(name: str, seed: int, data: Path, out: Path, test: Path | None, over
     report = evaluate_folders(folder / "pred", labels)
     report.write_csv(folder / "metrics.csv")
     report.write_json(folder / "metrics.json")
-    return StudyRun(exp.name, seed, folder, report.mean_per_organ(),
-                    exp.pretrain.ssl.name if exp.pretrain is not None and exp.pretrain.epochs > 0 else None)
+    return StudyRun(exp.name, seed, folder, report.mean_per_organ(), ssl)
 
 
 def run_study(experiments: list[str], data: Path, out: Path, *, seeds=(0,), test: Path | None = None,
               overrides=(), device: str = "auto", workers: int = 1) -> Path:
     """Run every experiment at every seed, then write ``OUT/report.md``; returns its path."""
-    held_out_cases(data, test)  # before hours of training, not after
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = [run_one(name, seed, Path(data), out, test, overrides, device, workers)
             for name in experiments for seed in seeds]
     write_text(json.dumps([attrs.asdict(r, value_serializer=_plain) for r in runs], indent=1), out / "runs.json")

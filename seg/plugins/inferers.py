@@ -6,10 +6,10 @@ Window starts follow nnU-Net: the fewest windows whose stride is at most ``windo
 evenly from slice 0 to the last window ending at the last slice. Beyond the paper, ``stretch`` lets the
 window grow (in steps of ``divisor``, up to ``stretch * window`` slices) when that forwards fewer slices in
 all: a 83-slice abdomen takes one 96-slice window instead of two 80-slice ones that overlap on 77 slices
-(the network is fully convolutional; ``stretch=1`` is the paper's fixed window). Each window's softmax probabilities are
-weighted by a Gaussian along z and the weighted sums divided by the summed weights per slice. Since the
-window spans the whole slice there is a single in-plane position, so nnU-Net's in-plane Gaussian factor
-multiplies numerator and denominator alike and cancels: z weights alone give the same blend.
+(the network is fully convolutional; ``stretch=1`` is the paper's fixed window). Each window's softmax
+probabilities are weighted by a Gaussian along z and the weighted sums divided by the summed weights per
+slice. Since the window spans the whole slice there is a single in-plane position, so nnU-Net's in-plane
+Gaussian factor multiplies numerator and denominator alike and cancels: z weights alone give the same blend.
 
 Memory: only one window's span of running sums is held in float32, on the device, as a ring buffer of
 ``window`` slices; a slice no later window touches is finalized straight into the CPU output (float16 at
@@ -211,13 +211,11 @@ class ZSlidingWindow:
             if z_range is None or z_range == (0, depth):
                 return self._blend(network, image, device, precision, pad_value, labels=labels)
             z0, z1 = z_range
-            if labels:
-                out = torch.zeros(image.shape[2:], dtype=torch.uint8)
-                self._blend(network, image[:, :, z0:z1], device, precision, pad_value, out[z0:z1], labels=True)
-                return out
-            out = torch.zeros((classes, *image.shape[2:]), dtype=scores_dtype(precision))
-            out[0] = 1
-            self._blend(network, image[:, :, z0:z1], device, precision, pad_value, out[:, z0:z1])
+            shape = image.shape[2:] if labels else (classes, *image.shape[2:])
+            out = torch.zeros(shape, dtype=torch.uint8 if labels else scores_dtype(precision))
+            if not labels:
+                out[0] = 1  # background outside the range (label 0 is already so)
+            self._blend(network, image[:, :, z0:z1], device, precision, pad_value, out[..., z0:z1, :, :], labels)
             return out
 
     def _blend(self, network, image, device, precision, pad_value, out=None, labels=False) -> torch.Tensor:
