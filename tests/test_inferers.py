@@ -10,8 +10,8 @@ from torch import nn
 
 from seg.core import inference, plugins
 from seg.core.errors import ConfigError
-from seg.core.inference import (autocast_context, gaussian_importance, infer_labels, resolve_device,
-                                 resolve_precision)
+from seg.core.inference import (autocast_context, class_argmax, gaussian_importance, infer_labels,
+                                 resolve_device, resolve_precision)
 from seg.plugins.inferers import WholeVolume, ZSlidingWindow, roi_from_counts, window_plan, window_starts
 
 CPU = torch.device("cpu")
@@ -324,3 +324,22 @@ def test_infer_labels_falls_back_to_the_argmax_of_an_inferer_without_labels():
     got = infer_labels(whole, net, image, device=CPU, precision="fp32")
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, direct_softmax(net, image).argmax(0).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_class_argmax_matches_numpy_argmax_and_breaks_ties_low(dtype):
+    scores = torch.rand(7, 5, 6, 4).to(dtype)
+    scores[3, 0, 0, 0] = scores[5, 0, 0, 0] = scores[:, 0, 0, 0].max()  # a tie between classes 3 and 5
+    scores[:, 1, 1, 1] = 0.25  # all tied: background
+    got = class_argmax(scores)
+    assert got.dtype == torch.uint8 and got.shape == (5, 6, 4)
+    assert np.array_equal(got.numpy(), np.argmax(scores.float().numpy(), axis=0))
+    assert got[0, 0, 0] == 3 and got[1, 1, 1] == 0
+
+
+def test_class_argmax_tolerance_prefers_the_lowest_class_within_it():
+    scores = torch.tensor([[0.3, 0.1], [0.5, 0.5 - 1e-7], [0.5 - 5e-7, 0.5]])
+    assert class_argmax(scores).tolist() == [1, 2]
+    assert class_argmax(scores, tolerance=1e-6).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="257 classes"):
+        class_argmax(torch.zeros(257, 2))

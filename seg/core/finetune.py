@@ -19,7 +19,7 @@ from rich.table import Table
 
 from seg.core.console import console, info, is_quiet, log_to
 from seg.core.data import labeled_cases
-from seg.core.inference import resolve_device
+from seg.core.inference import class_argmax, resolve_device
 from seg.core.metrics import dice
 from seg.core.model import build_backbone, describe_backbone, load_pretrained
 from seg.core.patches import augment, foreground_slices, sample_patch
@@ -43,7 +43,7 @@ def validate(network, cases, inferer, device, num_classes: int) -> dict[str, flo
     scores = {c: [] for c in range(1, num_classes)}
     for case in cases:
         image = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None, None]
-        labels = inferer(network, image, device=device, precision="fp32").argmax(0).numpy()
+        labels = class_argmax(inferer(network, image, device=device, precision="fp32")).numpy()
         truth = np.asarray(case.label)
         for c in scores:
             scores[c].append(dice(labels == c, truth == c))

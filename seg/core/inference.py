@@ -45,13 +45,29 @@ class Inferer(Protocol):
                  precision: str) -> torch.Tensor: ...
 
 
+def class_argmax(scores: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
+    """The class of highest score per voxel of ``scores`` (K, ...), uint8 (...), on the scores' device.
+
+    Ties, and scores within ``tolerance`` of the highest, go to the lowest class (as ``Tensor.argmax``). One
+    pass over the voxels per class: on the CPU several times faster than ``argmax(0)``, which reduces across
+    the strided class axis. At most 256 classes.
+    """
+    if len(scores) > 256:
+        raise ValueError(f"class_argmax: {len(scores)} classes do not fit uint8")
+    threshold = scores.amax(dim=0) - tolerance
+    winner = torch.zeros(scores.shape[1:], dtype=torch.uint8, device=scores.device)
+    for value in range(len(scores) - 1, -1, -1):
+        winner.masked_fill_(scores[value] >= threshold, value)
+    return winner
+
+
 def infer_labels(inferer, network: torch.nn.Module, image: torch.Tensor, *, device: torch.device,
                  precision: str) -> np.ndarray:
     """The label array (D, H, W) uint8: the inferer's own ``labels`` if it has one, else its scores' argmax."""
     if hasattr(inferer, "labels"):
         labels = inferer.labels(network, image, device=device, precision=precision)
     else:
-        labels = inferer(network, image, device=device, precision=precision).argmax(0)
+        labels = class_argmax(inferer(network, image, device=device, precision=precision))
     return labels.numpy().astype(np.uint8, copy=False)
 
 

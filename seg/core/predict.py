@@ -22,7 +22,7 @@ from seg.core.config import Experiment, load_experiment
 from seg.core.console import progress_bar
 from seg.core.dataset import list_images
 from seg.core.errors import CheckpointError, ConfigError, DataError, SegError
-from seg.core.inference import infer_labels, resolve_device, resolve_precision
+from seg.core.inference import class_argmax, infer_labels, resolve_device, resolve_precision
 from seg.core.io import atomic_path, case_name, image_suffix, read_image, write_image
 from seg.core.model import build_backbone, check_same_backbone, describe_backbone
 from seg.core.preprocessing import Sample, build_pipeline, invert_labels, run_pipeline, to_array
@@ -56,7 +56,7 @@ class Predictor:
         """The uint8 label map of ``image`` on exactly its grid (from ``scores`` and ``records`` if given)."""
         if scores is None:
             return self.segment(*self.preprocess(image))[0]
-        return self.finish(scores.argmax(0).numpy().astype(np.uint8), records)
+        return self.finish(class_argmax(scores).numpy(), records)
 
     def segment(self, tensor: torch.Tensor, records: list, with_scores: bool = False):
         """The label map on the original grid of a preprocessed input, and its class scores if ``with_scores``
@@ -65,7 +65,7 @@ class Predictor:
             labels = infer_labels(self.inferer, self.network, tensor, device=self.device, precision=self.precision)
             return self.finish(labels, records), None
         scores = self.inferer(self.network, tensor, device=self.device, precision=self.precision)
-        return self.finish(scores.argmax(0).numpy().astype(np.uint8), records), scores
+        return self.finish(class_argmax(scores).numpy(), records), scores
 
     def finish(self, labels: np.ndarray, records: list) -> sitk.Image:
         """Postprocess a label array on the preprocessed grid and map it onto the original grid."""

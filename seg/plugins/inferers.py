@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import seg
 from seg.core.errors import ConfigError
-from seg.core.inference import autocast_context, gaussian_importance, scores_dtype
+from seg.core.inference import autocast_context, class_argmax, gaussian_importance, scores_dtype
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -148,7 +148,7 @@ class _ZBlend:
                 keep = min(stop, depth) - self.done
                 sums = self.ring[:, slot:slot + keep, :height, :width]
                 if self.labels:  # dividing by the positive weight total leaves the argmax unchanged
-                    self.out[self.done:self.done + keep] = sums.argmax(0).to(torch.uint8).cpu()
+                    self.out[self.done:self.done + keep] = class_argmax(sums).cpu()
                 else:
                     mean = sums / self.total[self.done:self.done + keep].view(1, -1, 1, 1)
                     self.out[:, self.done:self.done + keep] = mean.to(self.dtype).cpu()

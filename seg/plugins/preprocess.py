@@ -27,6 +27,7 @@ import torch
 
 import seg
 from seg.core.errors import ConfigError
+from seg.core.inference import class_argmax
 from seg.core.io import Geometry
 from seg.core.preprocessing import Sample, from_array, geometry_dict, geometry_from_dict, to_array
 
@@ -417,8 +418,7 @@ def _vote_dense(labels, taps, fractions, start: int, stop: int) -> np.ndarray:
                 corner = rows.index_select(2, torch.from_numpy(xi)).long()
                 weight = wz.view(-1, 1, 1) * wy.view(1, -1, 1) * wx.view(1, 1, -1)
                 scores.scatter_add_(0, corner[None], weight[None])
-    top = scores >= scores.amax(dim=0, keepdim=True) - 1e-6  # ties (within float32 rounding): the lowest label
-    return top.to(torch.uint8).argmax(dim=0).to(torch.uint8).numpy()
+    return class_argmax(scores, tolerance=1e-6).numpy()  # ties (within float32 rounding): the lowest label
 
 
 def _vote_corners(labels, index, firsts, seconds, fractions) -> np.ndarray:
