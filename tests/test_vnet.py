@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seg.core import plugins
@@ -209,3 +210,71 @@ def test_in_place_prelu_matches_torch(slopes):
     out.backward(g)
     assert torch.allclose(out, expected) and torch.allclose(x.grad, x_grad)
     assert torch.allclose(ours.weight.grad, w_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("slopes", [[0.25, 0.1, 2.0], [0.25, -0.5, 0.0]])
+def test_in_place_prelu_without_autograd_matches_torch(slopes):
+    from seg.plugins.vnet import InPlacePReLU
+
+    ours = InPlacePReLU(3)
+    with torch.no_grad():
+        ours.weight.copy_(torch.tensor(slopes))
+        x = torch.randn(2, 3, 4, 4, 4)
+        expected = torch.nn.functional.prelu(x, torch.tensor(slopes))
+        out = ours(x)
+    assert out.data_ptr() == x.data_ptr() and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_matrix_product_layers_match_torch_convolutions(bias):
+    from seg.plugins.vnet import PointwiseConv3d, UpConv3d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    g_up, g_head = torch.randn(2, 4, 6, 8, 10), torch.randn(2, 4, 3, 4, 5)
+    up, head = UpConv3d(6, 4, bias=bias), PointwiseConv3d(6, 4)
+    for layer, reference, grad in ((up, lambda w, b: F.conv_transpose3d(x, w, b, stride=2), g_up),
+                                   (head, lambda w, b: F.conv3d(x, w, b), g_head)):
+        weight = layer.weight.detach().clone().requires_grad_()
+        b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
+        expected = reference(weight, b)
+        (expected * grad).sum().backward()
+        x_grad, x.grad = x.grad.clone(), None
+        out = layer(x)
+        (out * grad).sum().backward()
+        assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-5)
+        assert torch.allclose(x.grad, x_grad, atol=1e-5) and torch.allclose(layer.weight.grad, weight.grad, atol=1e-5)
+        if b is not None:
+            assert torch.allclose(layer.bias.grad, b.grad, atol=1e-5)
+        x.grad = None
+
+
+def test_input_stage_residual_is_the_input_on_every_channel():
+    from seg.plugins.vnet import InputStage
+
+    stage = InputStage(1, 4, 1, "none").eval()
+    x = torch.randn(1, 1, 4, 4, 4)
+    conv, act = stage.body.convs[0], stage.body.acts[0]
+    with torch.no_grad():
+        expected = F.prelu(F.conv3d(x, conv.weight, conv.bias, padding=2) + x, act.weight)
+        assert torch.allclose(stage(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "none"])
+def test_for_inference_folds_batch_norms_and_computes_the_same_function(norm):
+    torch.manual_seed(0)
+    network = VNet(1, 3, norm=norm, **TINY)
+    network.train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics far from their initial 0 / 1
+            network(torch.randn(2, 1, 8, 8, 8) * 3 + 1)
+        for m in network.modules():
+            if isinstance(m, (nn.BatchNorm3d, nn.InstanceNorm3d)):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        expected = network.eval()(x)
+        folded = network.for_inference()
+        assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+        assert torch.allclose(folded(x), expected, rtol=1e-4, atol=1e-4)

@@ -10,6 +10,10 @@ pretrained also splits into an encoder and a decoder:
   encoder; everything else belongs to the decoder. SSL tasks copy these for momentum encoders, and
   ``finetune --init`` reports what it loaded per part.
 - ``forward(x) == decode(encode(x))``.
+
+Any backbone may also offer ``for_inference() -> Module``: the same function in eval mode, rearranged for speed
+(e.g. batch norms folded into convolutions). ``seg predict`` calls it after loading the weights; the result is
+never trained or saved.
 """
 
 from __future__ import annotations

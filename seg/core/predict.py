@@ -96,6 +96,8 @@ def load_predictor(run: Path, device: str = "auto", precision: str | None = None
         raise CheckpointError(f"{path}: does not fit its backbone ({str(exc).splitlines()[0]})") from None
     dev = resolve_device(device)
     network.to(dev).eval()
+    if hasattr(network, "for_inference"):
+        network = network.for_inference()
     options = dict(exp.predict.inferer.options)
     if overlap is not None:
         if not 0 <= overlap < 1:
