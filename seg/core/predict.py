@@ -24,7 +24,7 @@ from seg.core.dataset import list_images
 from seg.core.errors import CheckpointError, ConfigError, DataError, SegError
 from seg.core.inference import class_argmax, infer_labels, resolve_device, resolve_precision
 from seg.core.io import atomic_path, case_name, image_suffix, read_image, write_image
-from seg.core.model import build_backbone, check_same_backbone, describe_backbone
+from seg.core.model import build_with_weights, check_same_backbone, describe_backbone
 from seg.core.preprocessing import Sample, build_pipeline, invert_labels, run_pipeline, to_array
 from seg.core.runs import CONFIG
 
@@ -89,11 +89,7 @@ def load_predictor(run: Path, device: str = "auto", precision: str | None = None
         raise CheckpointError(f"{path}: a {state.get('kind')} checkpoint; prediction needs a fine-tuning run")
     saved = state["backbone"]
     check_same_backbone(path, saved, describe_backbone(exp.backbone, 1, saved["out_channels"]))
-    network = build_backbone(exp.backbone, 1, saved["out_channels"])
-    try:
-        network.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not fit its backbone ({str(exc).splitlines()[0]})") from None
+    network = build_with_weights(exp.backbone, 1, saved["out_channels"], state["model"], path)
     dev = resolve_device(device)
     network.to(dev).eval()
     if hasattr(network, "for_inference"):

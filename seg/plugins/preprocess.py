@@ -376,49 +376,61 @@ def _vote_two_taps(labels: np.ndarray, taps, slab: int = 8, chunk: int = 1 << 19
     index and the weight of the second). Where the eight agree (their minimum, taken on the input grid, equals
     their maximum) that is the label; elsewhere each candidate scores the summed trilinear weights of the
     corners holding it: voxel by voxel, or the whole slab at once where most voxels are mixed (a speckled map,
-    :func:`_vote_dense`). Output slabs of ``slab`` slices, and mixed voxels ``chunk`` at a time, keep the working
+    :class:`_DenseVote`). Output slabs of ``slab`` slices, and mixed voxels ``chunk`` at a time, keep the working
     memory independent of scan length."""
     (z0, tz), (y0, ty), (x0, tx) = taps
     firsts, seconds = (z0, y0, x0), [np.minimum(i + 1, n - 1) for i, n in zip((z0, y0, x0), labels.shape)]
     padded = np.pad(labels, [(0, 1)] * 3, mode="edge")
     shifted = [padded[dz:dz + labels.shape[0], dy:dy + labels.shape[1], dx:dx + labels.shape[2]]
                for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
-    low, high = np.minimum.reduce(shifted), np.maximum.reduce(shifted)  # over each voxel's 2 x 2 x 2 block
+    low = np.minimum.reduce(shifted)  # over each voxel's 2 x 2 x 2 block
+    differs = low != np.maximum.reduce(shifted)
     out = np.empty((len(z0), len(y0), len(x0)), np.uint8)
+    dense = None
     for start in range(0, len(z0), slab):
         zs = z0[start:start + slab]
-        block = low[zs][:, y0][:, :, x0]
-        mixed = np.nonzero(block != high[zs][:, y0][:, :, x0])
-        out[start:start + slab] = block
-        if not mixed[0].size:
+        out[start:start + slab] = low[zs][:, y0][:, :, x0]
+        mixed = differs[zs][:, y0][:, :, x0]
+        count = np.count_nonzero(mixed)
+        if not count:
             continue
-        if len(mixed[0]) > block.size // 8:  # mostly mixed (a speckled map): score the whole slab densely
+        if count > mixed.size // 8:  # mostly mixed (a speckled map): score the whole slab densely
             stop = min(start + slab, len(z0))
-            out[start:stop] = _vote_dense(labels, (firsts, seconds), (tz, ty, tx), start, stop)
+            dense = dense or _DenseVote(labels, (firsts, seconds), (tz, ty, tx), slab)
+            out[start:stop] = dense(start, stop)
             continue
+        mixed = np.nonzero(mixed)
         for part in range(0, len(mixed[0]), chunk):
             index = (mixed[0][part:part + chunk] + start, mixed[1][part:part + chunk], mixed[2][part:part + chunk])
             out[index] = _vote_corners(labels, index, firsts, seconds, (tz, ty, tx))
     return out
 
 
-def _vote_dense(labels, taps, fractions, start: int, stop: int) -> np.ndarray:
-    """The labels of output slices ``start:stop``, every voxel scored from its eight corners (all in torch:
-    gathers along each axis, separable weights, one scatter-add per corner)."""
-    source = torch.from_numpy(np.array(labels))  # a small writable copy of the input grid
-    (z_first, y_first, x_first), (z_second, y_second, x_second) = taps
-    tz, ty, tx = (torch.from_numpy(t).to(torch.float32) for t in fractions)
-    tz = tz[start:stop]
-    scores = torch.zeros((int(labels.max()) + 1, stop - start, len(ty), len(tx)), dtype=torch.float32)
-    for zi, wz in ((z_first, 1 - tz), (z_second, tz)):
-        plane = source.index_select(0, torch.from_numpy(zi[start:stop]))
-        for yi, wy in ((y_first, 1 - ty), (y_second, ty)):
-            rows = plane.index_select(1, torch.from_numpy(yi))
-            for xi, wx in ((x_first, 1 - tx), (x_second, tx)):
-                corner = rows.index_select(2, torch.from_numpy(xi)).long()
-                weight = wz.view(-1, 1, 1) * wy.view(1, -1, 1) * wx.view(1, 1, -1)
-                scores.scatter_add_(0, corner[None], weight[None])
-    return class_argmax(scores, tolerance=1e-6).numpy()  # ties (within float32 rounding): the lowest label
+class _DenseVote:
+    """Labels of whole output slabs, every voxel scored from its eight corners (all in torch: gathers along each
+    axis, separable weights, one scatter-add per corner); the class scores' buffer is reused from slab to slab."""
+
+    def __init__(self, labels: np.ndarray, taps, fractions, slab: int):
+        self.source = torch.from_numpy(np.array(labels))  # a small writable copy of the input grid
+        self.taps = [[torch.from_numpy(index) for index in axis] for axis in zip(*taps)]  # per axis: first, second
+        self.fractions = [torch.from_numpy(t).to(torch.float32) for t in fractions]
+        self.scores = torch.empty((int(labels.max()) + 1, slab, len(fractions[1]), len(fractions[2])))
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        """The labels of output slices ``start:stop``."""
+        (z_first, z_second), (y_first, y_second), (x_first, x_second) = self.taps
+        tz, ty, tx = self.fractions
+        tz = tz[start:stop]
+        scores = self.scores[:, :stop - start]
+        scores.zero_()
+        for zi, wz in ((z_first, 1 - tz), (z_second, tz)):
+            plane = self.source.index_select(0, zi[start:stop])
+            for yi, wy in ((y_first, 1 - ty), (y_second, ty)):
+                rows = plane.index_select(1, yi)
+                for xi, wx in ((x_first, 1 - tx), (x_second, tx)):
+                    weight = wz.view(-1, 1, 1) * wy.view(1, -1, 1) * wx.view(1, 1, -1)
+                    scores.scatter_add_(0, rows.index_select(2, xi).long()[None], weight[None])
+        return class_argmax(scores, tolerance=1e-6).numpy()  # ties (within float32 rounding): the lowest label
 
 
 def _vote_corners(labels, index, firsts, seconds, fractions) -> np.ndarray:
