@@ -237,6 +237,17 @@ def test_roi_coarse_background_outside_and_full_result_inside():
     assert (got.argmax(0) == 1).sum() == 160
 
 
+def test_roi_coarse_labels_when_the_fine_range_is_one_window():
+    image = torch.rand(1, 1, 100, 8, 8) * 0.4
+    image[:, :, 40:50, 2:6, 2:6] = 1.0
+    inferer = ZSlidingWindow(window=48, divisor=1, roi="coarse")  # fine range 16..74: one stretched window
+    assert len(window_plan(58, 48, 0.5, 1, 1.25)[1]) == 1
+    labels = inferer.labels(IntensityNet(), image, device=CPU, precision="fp32")
+    probs = inferer(IntensityNet(), image, device=CPU, precision="fp32")
+    assert torch.equal(labels, probs.argmax(0).to(torch.uint8))
+    assert labels[40:50, 2:6, 2:6].eq(1).all() and labels.sum() == 160
+
+
 def test_roi_coarse_without_foreground_falls_back_to_the_full_run():
     image = torch.rand(1, 1, 40, 4, 4) * 0.4
     net = IntensityNet()
@@ -302,7 +313,7 @@ def test_fp16_on_cuda_matches_fp32_on_cpu():
 
 
 @pytest.mark.parametrize("roi", [None, "coarse"])
-@pytest.mark.parametrize("depth", [7, 30])
+@pytest.mark.parametrize("depth", [3, 7, 30])  # 3: one window, labels straight from its logits
 def test_labels_are_the_argmax_of_the_probabilities_without_holding_them(roi, depth):
     net = context_net()
     image = torch.randn(1, 1, depth, 5, 6)

@@ -8,6 +8,7 @@ is reported without stopping the others.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
@@ -144,22 +145,25 @@ def _inputs(input_path: Path) -> tuple[list[Path], bool]:
 
 def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool = False,
                   save_probabilities: bool = False, preview: bool = False, **options) -> dict:
-    """Segment a file, a DICOM series folder or a folder of images; returns counts done/skipped/failed."""
+    """Segment a file, a DICOM series folder or a folder of images; returns counts done/skipped/failed.
+
+    The next image is read in a background thread while the model loads or segments the current one.
+    """
     inputs, single = _inputs(Path(input_path))
     output = Path(output)
     if output.exists() and output.is_file() and not (single and image_suffix(output)):
         raise DataError(f"-o {output}: is a file; give a folder for the label maps")
-    predictor = load_predictor(run, **options)
-    summary = {"done": 0, "skipped": 0, "failed": []}
-    with progress_bar("predicting", len(inputs)) as advance:
-        for path in inputs:
-            target = output_path(path, output, single)
-            if target.exists() and not overwrite:
-                summary["skipped"] += 1
-                advance(1)
-                continue
+    targets = [(path, output_path(path, output, single)) for path in inputs]
+    todo = [(path, target) for path, target in targets if overwrite or not target.exists()]
+    summary = {"done": 0, "skipped": len(targets) - len(todo), "failed": []}
+    with ThreadPoolExecutor(max_workers=1) as reader, progress_bar("predicting", len(inputs)) as advance:
+        advance(summary["skipped"])
+        reads = [reader.submit(_read_checked, path) for path, _ in todo[:1]]
+        predictor = load_predictor(run, **options)
+        for i, (path, target) in enumerate(todo):
+            reads += [reader.submit(_read_checked, next_path) for next_path, _ in todo[i + 1:i + 2]]
             try:
-                labels, scores, records = _segment(predictor, path, save_probabilities)
+                labels, scores, records = _segment(predictor, reads.pop(0).result(), save_probabilities)
             except DataError as exc:
                 if single:
                     raise
@@ -178,14 +182,20 @@ def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool 
     return summary
 
 
-def _segment(predictor: Predictor, path: Path, with_scores: bool):
-    """Read, check and segment one image: (label map, scores or None, records)."""
+def _read_checked(path: Path) -> list[sitk.Image]:
+    """[the image at ``path``], refused (``DataError``) when it cannot be segmented. In a list, so that taking
+    the image out leaves the future that read it without a reference to its voxels."""
     image = read_image(path)
     problems = image_problems(image)
     if problems:
         raise DataError(f"{path}: {problems[0]}")
-    tensor, records = predictor.preprocess(image)
-    del image  # the records hold its geometry; its voxels would only grow the peak memory with scan length
+    return [image]
+
+
+def _segment(predictor: Predictor, read: list[sitk.Image], with_scores: bool):
+    """Segment the image in ``read`` (taken out: its voxels are freed before inference, so they do not grow
+    the peak memory with scan length): (label map, scores or None, records)."""
+    tensor, records = predictor.preprocess(read.pop())
     return (*predictor.segment(tensor, records, with_scores), records)
 
 

@@ -223,6 +223,13 @@ class ZSlidingWindow:
         window, starts = window_plan(depth, self.window, self.overlap, self.divisor, self.stretch)
         size = (max(depth, window), _round_up(height, self.divisor), _round_up(width, self.divisor))
         padded = _pad_end(image, size, pad_value)
+        if labels and len(starts) == 1:  # nothing to blend: the argmax of the logits is that of the probabilities
+            logits = _logits(network, padded[:, :, :window], device, precision, "z_sliding_window")
+            found = class_argmax(logits[0, :, :depth, :height, :width]).cpu()
+            if out is None:
+                return found
+            out.copy_(found)
+            return out
         blend = _ZBlend(starts, window, (depth, height, width), device, scores_dtype(precision), out, labels)
         for i in range(0, len(starts), self.batch):
             group = starts[i:i + self.batch]
