@@ -77,7 +77,7 @@ def _geometry_differences(image: Geometry, label: Geometry) -> list[str]:
     return differences
 
 
-def _label_values(array: np.ndarray) -> tuple[set, bool]:
+def label_values(array: np.ndarray) -> tuple[set, bool]:
     """The distinct values of a label array, and whether they are all integers."""
     if array.dtype.kind in "ui" and array.size and array.min() >= 0 and array.max() < 65536:
         counts = np.zeros(int(array.max()) + 1, dtype=np.int64)
@@ -97,7 +97,7 @@ def label_problems(label: sitk.Image, allowed: set[int], image: sitk.Image | Non
         differences = _geometry_differences(Geometry.of(image), Geometry.of(label))
         if differences:
             problems.append("geometry differs from its image: " + "; ".join(differences))
-    values, integral = _label_values(sitk.GetArrayViewFromImage(label))
+    values, integral = label_values(sitk.GetArrayViewFromImage(label))
     if not integral:
         problems.append("label values are not integers")
     elif allowed and not values <= allowed:

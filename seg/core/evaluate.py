@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from rich import box
 from rich.table import Table
 
-from seg.core.check import _label_values
+from seg.core.check import label_values
 from seg.core.dataset import FLARE22_LABELS, parse_labels
 from seg.core.errors import ConfigError, DataError
 from seg.core.io import Geometry, case_name, image_suffix, read_image, write_text
@@ -238,7 +238,7 @@ def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
                 if array.dtype.kind not in "iub" or array.min() < 0:
                     raise DataError(f"{path}: a {name} label map must hold non-negative integer labels")
                 if complete:
-                    extra = sorted(_label_values(array)[0] - {0, *labels})
+                    extra = sorted(label_values(array)[0] - {0, *labels})
                     if extra:
                         raise DataError(f"{path}: {name} label values {extra[:10]} are not among the labels "
                                         f"{sorted(labels)} ({_labels_source(gt_dir)})")

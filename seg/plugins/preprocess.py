@@ -407,29 +407,42 @@ def _vote_two_taps(labels: np.ndarray, taps, slab: int = 8, chunk: int = 1 << 19
 
 
 class _DenseVote:
-    """Labels of whole output slabs, every voxel scored from its eight corners (all in torch: gathers along each
-    axis, separable weights, one scatter-add per corner); the class scores' buffer is reused from slab to slab."""
+    """Labels of whole output slabs, every voxel scored from its eight corners, in torch and in-plane first:
+    each input slice a slab reads gets its class scores on the output's in-plane grid (bilinear weights, one
+    scatter-add per in-plane corner), then each output slice mixes the two input slices around it linearly
+    along z. That scatters every input slice once per slab rather than twice per output slice. Buffers are
+    reused from slab to slab."""
 
     def __init__(self, labels: np.ndarray, taps, fractions, slab: int):
         self.source = torch.from_numpy(np.array(labels))  # a small writable copy of the input grid
-        self.taps = [[torch.from_numpy(index) for index in axis] for axis in zip(*taps)]  # per axis: first, second
-        self.fractions = [torch.from_numpy(t).to(torch.float32) for t in fractions]
-        self.scores = torch.empty((int(labels.max()) + 1, slab, len(fractions[1]), len(fractions[2])))
+        (self.z_first, self.z_second), (y_first, y_second), (x_first, x_second) = zip(*taps)  # per axis
+        self.tz = fractions[0]
+        ty, tx = (torch.from_numpy(t).to(torch.float32) for t in fractions[1:])
+        self.corners = [(torch.from_numpy(yi), torch.from_numpy(xi), wy.view(-1, 1) * wx.view(1, -1))
+                        for yi, wy in ((y_first, 1 - ty), (y_second, ty))
+                        for xi, wx in ((x_first, 1 - tx), (x_second, tx))]
+        n = len(self.z_first)
+        span = max(np.subtract(*self._input_range(s, min(s + slab, n))[::-1]) for s in range(0, n, slab))
+        classes = int(labels.max()) + 1
+        self.planes = torch.empty((classes, span, len(ty), len(tx)))
+        self.scores = torch.empty((classes, slab, len(ty), len(tx)))
+
+    def _input_range(self, start: int, stop: int) -> tuple[int, int]:
+        return int(self.z_first[start:stop].min()), int(self.z_second[start:stop].max()) + 1
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         """The labels of output slices ``start:stop``."""
-        (z_first, z_second), (y_first, y_second), (x_first, x_second) = self.taps
-        tz, ty, tx = self.fractions
-        tz = tz[start:stop]
+        low, high = self._input_range(start, stop)
+        planes, source = self.planes[:, :high - low], self.source[low:high]
+        planes.zero_()
+        for yi, xi, weight in self.corners:
+            corner = source.index_select(1, yi).index_select(2, xi).long()
+            planes.scatter_add_(0, corner[None], weight.expand(len(source), -1, -1)[None])
         scores = self.scores[:, :stop - start]
-        scores.zero_()
-        for zi, wz in ((z_first, 1 - tz), (z_second, tz)):
-            plane = self.source.index_select(0, zi[start:stop])
-            for yi, wy in ((y_first, 1 - ty), (y_second, ty)):
-                rows = plane.index_select(1, yi)
-                for xi, wx in ((x_first, 1 - tx), (x_second, tx)):
-                    weight = wz.view(-1, 1, 1) * wy.view(1, -1, 1) * wx.view(1, 1, -1)
-                    scores.scatter_add_(0, rows.index_select(2, xi).long()[None], weight[None])
+        for j, z in enumerate(range(start, stop)):
+            t = float(self.tz[z])
+            torch.mul(planes[:, int(self.z_first[z]) - low], 1 - t, out=scores[:, j])
+            scores[:, j].add_(planes[:, int(self.z_second[z]) - low], alpha=t)
         return class_argmax(scores, tolerance=1e-6).numpy()  # ties (within float32 rounding): the lowest label
 
 
