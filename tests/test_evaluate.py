@@ -45,8 +45,9 @@ def folders(tmp_path):
 def test_scores_csv_and_json(folders):
     gt, pred = two_organs()
     calls = []
-    report = evaluate_folders(folders / "pred", folders / "gt", tolerances=1.0, progress=calls.append)
-    assert calls == [1, 1]
+    report = evaluate_folders(folders / "pred", folders / "gt", tolerances=1.0,
+                              progress=lambda n, total=None: calls.append((n, total)))
+    assert calls == [(0, 2), (1, None), (1, None)]
     assert report.labels == {1: "kidney", 2: "tumour"} and report.tolerances == {1: 1.0, 2: 1.0}
     assert report.missing == ["c2"] and report.unmatched == ["extra"]
     dsc_1 = 2 * np.sum((gt == 1) & (pred == 1)) / (np.sum(gt == 1) + np.sum(pred == 1))  # 2*48/128

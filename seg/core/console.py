@@ -36,9 +36,10 @@ def info(message: str) -> None:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None):
-    """A rich progress bar; yields ``advance(n=1, **fields)``. Silent when quiet."""
+    """A rich progress bar; yields ``advance(n=1, total=None, **fields)`` (``total`` sets the bar's length when
+    it was not known at the start). Silent when quiet."""
     if _quiet:
-        yield lambda n=1, **fields: None
+        yield lambda n=1, total=None, **fields: None
         return
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -47,9 +48,9 @@ def progress_bar(description: str, total: int | None):
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, status="")
 
-        def advance(n: int = 1, **fields) -> None:
+        def advance(n: int = 1, total: int | None = None, **fields) -> None:
             status = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-            progress.update(task, advance=n, status=status)
+            progress.update(task, advance=n, status=status, **({} if total is None else {"total": total}))
 
         yield advance
 

@@ -203,7 +203,7 @@ def _images_by_case(folder: Path, option: str) -> dict[str, Path]:
 def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
                      tolerances: dict[int, float] | float | None = None, progress=None) -> EvaluationReport:
     """Score every ground-truth case of ``gt_dir`` against the same-named file of ``pred_dir``;
-    ``progress(1)`` is called after each case."""
+    ``progress(0, total=cases)`` is called first, ``progress(1)`` after each case."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder, option in ((pred_dir, "--pred"), (gt_dir, "--gt")):
         if not folder.is_dir():
@@ -221,6 +221,8 @@ def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
         raise DataError(f"--pred {pred_dir}: no label maps in this folder (expected CASE.nii.gz files named like "
                         f"the ground truth's, e.g. {next(iter(gts.values())).name})")
     rows, missing = [], []
+    if progress is not None:
+        progress(0, total=len(gts))
     for case, gt_path in gts.items():
         pred_path = preds.get(case)
         if pred_path is None:
