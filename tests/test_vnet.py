@@ -278,3 +278,24 @@ def test_for_inference_folds_batch_norms_and_computes_the_same_function(norm):
         folded = network.for_inference()
         assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
         assert torch.allclose(folded(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_fold_norm_matches_convolution_then_eval_batch_norm(affine, transposed):
+    from seg.plugins.vnet import fold_norm
+
+    torch.manual_seed(1)
+    conv = (nn.ConvTranspose3d(3, 4, 2, stride=2) if transposed else nn.Conv3d(3, 4, 3, padding=1, bias=False))
+    norm = nn.BatchNorm3d(4, affine=affine).eval()
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        if affine:
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+        x = torch.randn(2, 3, 4, 4, 4)
+        expected = norm(conv(x))
+        folded, identity = fold_norm(conv, norm)
+        assert isinstance(identity, nn.Identity)
+        assert torch.allclose(identity(folded(x)), expected, atol=1e-5)

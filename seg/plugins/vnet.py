@@ -69,8 +69,10 @@ def fold_norm(conv: nn.Module, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
     if not isinstance(norm, nn.BatchNorm3d) or norm.running_mean is None:
         return conv, norm
     with torch.no_grad():
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        shift = norm.bias - norm.running_mean * scale
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        shift = -norm.running_mean * scale
+        if norm.affine:
+            scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
         view = (1, -1, 1, 1, 1) if isinstance(conv, nn.ConvTranspose3d) else (-1, 1, 1, 1, 1)
         weight = conv.weight * scale.view(view)
         bias = shift if conv.bias is None else conv.bias * scale + shift
