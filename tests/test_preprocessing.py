@@ -17,8 +17,8 @@ from seg.core.errors import ConfigError, DataError, UnknownPluginError
 from seg.core.io import Geometry, read_image
 from seg.core.preprocessing import (Preprocessor, Sample, build_pipeline, from_array, invert_labels, run_pipeline,
                                     to_array)
-from seg.plugins.preprocess import (ClipZScore, CropBody, Reorient, Resample, apply_separable, bspline_matrix,
-                                    linear_matrix, permute_flip, vote)
+from seg.plugins.preprocess import ClipZScore, CropBody, Reorient, Resample, permute_flip
+from seg.plugins.resampling import apply_separable, bspline_matrix, linear_matrix, vote
 
 ndimage = pytest.importorskip("scipy.ndimage")
 
@@ -373,7 +373,7 @@ def test_permute_flip_is_its_own_inverse_when_undone():
 def test_label_vote_when_upsampling_matches_dense_one_hot_argmax(speckle):
     """The two-tap path (every output between two inputs per axis, as when a prediction goes back to the
     original grid) against the dense computation, including positions past the borders."""
-    from seg.plugins.preprocess import _two_taps
+    from seg.plugins.resampling import _two_taps
 
     rng = np.random.default_rng(7)
     labels = np.zeros((12, 14, 16), np.uint8)
@@ -396,7 +396,7 @@ def test_label_vote_when_upsampling_matches_dense_one_hot_argmax(speckle):
 
 
 def test_two_taps_refuses_wider_kernels():
-    from seg.plugins.preprocess import _two_taps
+    from seg.plugins.resampling import _two_taps
 
     assert _two_taps(linear_matrix(20, np.linspace(0, 19, 7), 20 / 7)) is None  # shrinking: up to 6 taps
     first, second = _two_taps(linear_matrix(5, np.array([0.0, 0.25, 3.5, 4.0]), 1.0))
