@@ -193,14 +193,19 @@ class OutputError(SegError, OSError):
     user error (exit 2) naming the path for the CLI."""
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists (a folder, or a file blocking the way)."""
+    return next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+
+
 def _unwritable(target: Path, exc: OSError) -> OutputError:
     """The one-line error for an output that cannot be written (a file where a folder is needed, no space...)."""
     if isinstance(exc, OutputError):
         return exc
     if isinstance(exc, IsADirectoryError) and target.is_dir():
         return OutputError(f"{target}: is a folder; expected a file path")
-    blocker = next((p for p in target.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    blocker = _nearest_existing(target.parent)
+    if blocker.exists() and not blocker.is_dir():
         return OutputError(f"{target}: cannot write ({blocker} is a file, not a folder)")
     return OutputError(f"{target}: cannot write ({exc.strerror or exc})")
 
@@ -212,9 +217,7 @@ def check_output_file(target: str | os.PathLike, option: str) -> None:
     target = Path(target)
     if target.is_dir():
         raise OutputError(f"{option} {target}: is a folder; give a file path")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = _nearest_existing(target.parent)
     if not parent.is_dir():
         raise OutputError(f"{option} {target}: cannot write there ({parent} is a file, not a folder)")
     try:

@@ -226,10 +226,7 @@ class ZSlidingWindow:
         if labels and len(starts) == 1:  # nothing to blend: the argmax of the logits is that of the probabilities
             logits = _logits(network, padded[:, :, :window], device, precision, "z_sliding_window")
             found = class_argmax(logits[0, :, :depth, :height, :width]).cpu()
-            if out is None:
-                return found
-            out.copy_(found)
-            return out
+            return found if out is None else out.copy_(found)
         blend = _ZBlend(starts, window, (depth, height, width), device, scores_dtype(precision), out, labels)
         for i in range(0, len(starts), self.batch):
             group = starts[i:i + self.batch]

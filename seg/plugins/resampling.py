@@ -265,7 +265,7 @@ class _DenseVote:
                         for yi, wy in ((y_first, 1 - ty), (y_second, ty))
                         for xi, wx in ((x_first, 1 - tx), (x_second, tx))]
         n = len(self.z_first)
-        span = max(np.subtract(*self._input_range(s, min(s + slab, n))[::-1]) for s in range(0, n, slab))
+        span = max(high - low for low, high in (self._input_range(s, min(s + slab, n)) for s in range(0, n, slab)))
         classes = int(labels.max()) + 1
         self.planes = torch.empty((classes, span, len(ty), len(tx)))
         self.scores = torch.empty((classes, slab, len(ty), len(tx)))
@@ -301,5 +301,4 @@ def _vote_corners(labels, index, firsts, seconds, fractions) -> np.ndarray:
     corners = torch.stack(corners, dim=1)
     score = torch.zeros((len(corners), int(corners.max()) + 1), dtype=torch.float64)
     score.scatter_add_(1, corners, weight)
-    top = score >= score.amax(dim=1, keepdim=True) - 1e-9  # ties: the lowest label, background first
-    return top.to(torch.uint8).argmax(dim=1).to(torch.uint8).numpy()
+    return class_argmax(score.T, tolerance=1e-9).numpy()  # ties: the lowest label, background first

@@ -81,14 +81,20 @@ def fold_norm(conv: nn.Module, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
     return conv, nn.Identity()
 
 
+def _prelu_(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """PReLU of ``x`` (B, C, ...) with one slope per channel, written into ``x``."""
+    for channel, slope in enumerate(weight.tolist()):
+        torch.nn.functional.leaky_relu_(x[:, channel], slope)
+    return x
+
+
 class _PReLUInPlace(torch.autograd.Function):
     """PReLU applied in place, saving its output: with every slope > 0 the output has the input's sign, so
     the backward pass needs no copy of the input (one activation-sized tensor less per convolution)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        for channel, slope in enumerate(weight.tolist()):
-            torch.nn.functional.leaky_relu_(x[:, channel], slope)
+        _prelu_(x, weight)
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, weight)
         return x
@@ -113,9 +119,7 @@ class InPlacePReLU(nn.PReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """PReLU of ``x``, in place when valid."""
         if not torch.is_grad_enabled() and not x.is_meta and x.shape[1] == len(self.weight):
-            for channel, slope in enumerate(self.weight.tolist()):
-                torch.nn.functional.leaky_relu_(x[:, channel], slope)
-            return x
+            return _prelu_(x, self.weight)
         valid = torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype
         if not valid or self.weight.min() <= 0:
             return super().forward(x)
