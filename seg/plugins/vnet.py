@@ -26,7 +26,8 @@ works in place (``InPlacePReLU``), which keeps one activation-sized tensor less 
 
 Speed without changing the function: the 1x1x1 head (``PointwiseConv3d``) and the 2x2x2 up-convolutions
 (``UpConv3d``) are matrix products (oneDNN runs them 2-3x slower as convolutions), PReLU works in place
-whenever autograd is off, and ``for_inference()`` folds every batch norm into the convolution before it.
+whenever autograd is off, and ``for_inference()`` folds every batch norm into the convolution before it
+(each beside what it replaces: ``benchmarks/bench_layers.py``).
 Parameter names and shapes are those of the plain torch layers, so checkpoints are interchangeable.
 """
 
@@ -110,7 +111,7 @@ class _PReLUInPlace(torch.autograd.Function):
 
 class InPlacePReLU(nn.PReLU):
     """``nn.PReLU`` (one slope per channel) that overwrites its input: always without autograd (inference:
-    eight times faster than ``nn.PReLU`` on the CPU, which allocates its output), and when training on the CPU
+    about ten times faster than ``nn.PReLU`` on the CPU, which allocates its output), and when training on the CPU
     while every slope is positive (elsewhere when training it is ``nn.PReLU``).
 
     Only used on tensors nothing else needs: convolution and normalisation outputs, the in-place residual sums.
