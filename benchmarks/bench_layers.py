@@ -52,7 +52,6 @@ def main() -> None:
         scores = torch.rand(14, 96, 160, 160)
         rows.append(("class_argmax vs argmax(0)", best(lambda: class_argmax(scores), args.repeat),
                      best(lambda: scores.argmax(0), args.repeat)))
-        del scores
         x, head = torch.randn(1, 32, 96, 160, 160), PointwiseConv3d(32, 14)
         rows.append(("PointwiseConv3d vs conv3d 1x1x1", best(lambda: head(x), args.repeat),
                      best(lambda: F.conv3d(x, head.weight, head.bias), args.repeat)))
@@ -62,7 +61,6 @@ def main() -> None:
         act = InPlacePReLU(32)
         rows.append(("InPlacePReLU vs prelu", best(lambda: act(x), args.repeat),
                      best(lambda: F.prelu(x, act.weight), args.repeat)))
-        del x, low
     choice = PluginChoice("vnet", {})
     plugins.get("backbones", "vnet")
     weights = build_backbone(choice, 1, 14).state_dict()
