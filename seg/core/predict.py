@@ -156,30 +156,35 @@ def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool 
     targets = [(path, output_path(path, output, single)) for path in inputs]
     todo = [(path, target) for path, target in targets if overwrite or not target.exists()]
     summary = {"done": 0, "skipped": len(targets) - len(todo), "failed": []}
-    with ThreadPoolExecutor(max_workers=1) as reader, progress_bar("predicting", len(inputs)) as advance:
-        advance(summary["skipped"])
+    with ThreadPoolExecutor(max_workers=1) as reader:
         reads = [reader.submit(_read_checked, path) for path, _ in todo[:1]]
-        predictor = load_predictor(run, **options)
-        for i, (path, target) in enumerate(todo):
-            reads += [reader.submit(_read_checked, next_path) for next_path, _ in todo[i + 1:i + 2]]
-            try:
-                labels, scores, records = _segment(predictor, reads.pop(0).result(), save_probabilities)
-            except DataError as exc:
-                if single:
-                    raise
-                summary["failed"].append(str(exc))
+        predictor = load_predictor(run, **options)  # a bad --model fails before any progress bar shows
+        with progress_bar("predicting", len(inputs)) as advance:
+            advance(summary["skipped"])
+            for i, (path, target) in enumerate(todo):
+                reads += [reader.submit(_read_checked, next_path) for next_path, _ in todo[i + 1:i + 2]]
+                try:
+                    labels, scores, records = _segment(predictor, reads.pop(0).result(), save_probabilities)
+                except DataError as exc:
+                    if single:
+                        raise
+                    summary["failed"].append(str(exc))
+                else:
+                    _write_outputs(path, target, labels, scores, records, preview)
+                    summary["done"] += 1
                 advance(1)
-                continue
-            write_image(sitk.Cast(labels, sitk.sitkUInt8), target)
-            if save_probabilities:
-                save_scores(scores, records, target.with_name(target.name.replace(".nii.gz", ".npz")))
-            if preview:
-                from seg.core.preview import write_preview
-
-                write_preview(read_image(path), labels, target.with_name(target.name.replace(".nii.gz", ".png")))
-            summary["done"] += 1
-            advance(1)
     return summary
+
+
+def _write_outputs(path: Path, target: Path, labels: sitk.Image, scores, records: list, preview: bool) -> None:
+    """The label map at ``target``, and beside it the probabilities (when ``scores``) and the preview PNG."""
+    write_image(sitk.Cast(labels, sitk.sitkUInt8), target)
+    if scores is not None:
+        save_scores(scores, records, target.with_name(target.name.replace(".nii.gz", ".npz")))
+    if preview:
+        from seg.core.preview import write_preview
+
+        write_preview(read_image(path), labels, target.with_name(target.name.replace(".nii.gz", ".png")))
 
 
 def _read_checked(path: Path) -> list[sitk.Image]:
