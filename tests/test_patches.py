@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from seg.core.config import Augment
-from seg.core.patches import augment, foreground_slices, sample_patch
+from seg.core.patches import LabeledPatches, class_voxels, foreground_slices, sample_patch
 
 
 def test_foreground_slices_brute_force():
@@ -47,20 +46,55 @@ def test_unlabeled_patches_are_uniform_crops():
     assert firsts == set(range(16))
 
 
-def test_augment_flips_image_and_label_together():
-    rng = np.random.default_rng(3)
-    image = rng.normal(size=(4, 5, 6)).astype(np.float32)
-    label = (image > 0).astype(np.uint8)
-    img, lab = augment(image, label, Augment(flip_prob=1.0), rng)
-    assert np.array_equal(img, image[::-1, ::-1, ::-1]) and np.array_equal(lab, label[::-1, ::-1, ::-1])
-    img, lab = augment(image, label, Augment(), rng)
-    assert np.array_equal(img, image) and np.array_equal(lab, label)
+class _Case:
+    def __init__(self, image, label):
+        self.image, self.label = image, label
 
 
-def test_intensity_augment_is_an_affine_map():
-    rng = np.random.default_rng(4)
-    image = rng.normal(size=(3, 3, 3)).astype(np.float32)
-    img, _ = augment(image, None, Augment(intensity_scale=0.2, intensity_shift=0.5), rng)
-    slope, intercept = np.polyfit(image.ravel(), img.ravel(), 1)
-    assert 0.8 <= slope <= 1.2 and -0.5 <= intercept <= 0.5
-    assert np.allclose(img, slope * image + intercept, atol=1e-5)
+def _organs():
+    """One case: a large organ (class 1, 600 voxels), a small one (class 2, 4 voxels), class 3 absent."""
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[2:8, 2:12, 2:12] = 1
+    label[15:17, 15:17, 15] = 2
+    return _Case(np.zeros(label.shape, np.float32), label)
+
+
+def test_class_voxels_brute_force():
+    label = np.random.default_rng(5).integers(0, 4, (5, 6, 7)).astype(np.uint8)
+    label[label == 2] = 0
+    got = class_voxels(label)
+    assert sorted(got) == [1, 3]
+    for value, flat in got.items():
+        assert sorted(flat.tolist()) == np.flatnonzero(label == value).tolist()
+
+
+def test_class_aware_rule_draws_present_classes_uniformly():
+    """nnU-Net's rule: with class_share 1 every centre lies in a class drawn uniformly among those present."""
+    case = _organs()
+    patches = LabeledPatches([case], (4, 4, 4), 1.0, np.random.default_rng(6))
+    counts = {1: 0, 2: 0}
+    for _ in range(2000):
+        voxel, chosen = patches.centre(0)
+        assert case.label[voxel] == chosen
+        counts[chosen] += 1
+    assert abs(counts[2] / 2000 - 0.5) < 0.04  # 3 sd of a fair coin over 2000 draws is 0.034
+
+
+def test_class_share_mixes_the_two_rules():
+    """With class_share 0.3 about 30 % of the patches follow the class rule. Under the paper's rule the small
+    organ is centred as often as a foreground slice holding it is drawn (2 of the 8 foreground slices)."""
+    case = _organs()
+    patches = LabeledPatches([case], (4, 4, 4), 0.3, np.random.default_rng(7))
+    ruled = [patches.centre(0)[1] is not None for _ in range(3000)]
+    assert abs(np.mean(ruled) - 0.3) < 0.03
+    plain = LabeledPatches([case], (4, 4, 4), 0.0, np.random.default_rng(8))
+    small = [(plain.batch(1)[1] == 2).any() for _ in range(1000)]
+    assert abs(np.mean(small) - 2 / 8) < 0.05
+
+
+def test_labeled_batches_contain_their_centre_class():
+    case = _organs()
+    patches = LabeledPatches([case], (4, 4, 4), 1.0, np.random.default_rng(9))
+    images, labels = patches.batch(64)
+    assert images.shape == (64, 1, 4, 4, 4) and images.dtype == np.float32 and labels.dtype == np.int64
+    assert 15 < sum((lab == 2).any() for lab in labels) < 50

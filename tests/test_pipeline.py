@@ -73,9 +73,17 @@ def test_init_from_another_width_is_a_clear_error(runs, synth_data, tmp_path):
     assert "made with backbone vnet(base_channels=4" in result.stderr and "this run uses" in result.stderr
 
 
+AUGMENTED = ["finetune.class_share=0.5", "finetune.augment.rotation=[20.0, 5.0, 5.0]", "finetune.augment.scale=[0.8, 1.2]",
+             "finetune.augment.spatial_prob=0.5", "finetune.augment.elastic_alpha=2.0", "finetune.augment.elastic_prob=0.3",
+             "finetune.augment.gamma_prob=0.3", "finetune.augment.blur_prob=0.3", "finetune.augment.noise_std=0.1",
+             "finetune.augment.flip_prob=0.3", "finetune.scheduler.name=\"cosine\"", "finetune.scheduler.warmup_epochs=2"]
+
+
 def test_killed_finetune_resumes_to_the_same_weights(synth_data, tmp_path):
+    """Exact resume with every augmentation, class-aware sampling, the prefetching loader and a warm-up
+    schedule on: killed after epoch 2, resumed, the weights equal an uninterrupted run's bit for bit."""
     common = ["-e", "smoke", "--data", synth_data, "--device", "cpu", "--set", "finetune.epochs=6",
-              "--set", "finetune.val_every=2"]
+              "--set", "finetune.val_every=2", *[a for item in AUGMENTED for a in ("--set", item)]]
     seg_cli("run", "finetune", *common, "--out", tmp_path / "straight")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "seg", "-q", "run", "finetune", *map(str, common), "--out",

@@ -194,3 +194,14 @@ def test_held_out_test_phantoms_do_not_depend_on_the_training_counts(tmp_path):
     test, train = array("b", "imagesTs/synth_test_0000_0000.nii.gz"), array("b", "imagesTr/synth_0000_0000.nii.gz")
     assert test.shape != train.shape or not np.array_equal(test, train)  # a phantom of its own
     assert json.loads((tmp_path / "b" / "dataset.json").read_text())["numTest"] == 1
+
+
+def test_gaussian_blur_matches_scipy():
+    """The phantom's partial-volume blur is scipy's gaussian_filter (mode "nearest") without scipy at runtime."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from seg.core.synth import gaussian_blur
+
+    array = np.random.default_rng(0).normal(0, 300, (7, 9, 11)).astype(np.float32)
+    for sigma in (0.45, 1.3):
+        expected = ndimage.gaussian_filter(array.astype(np.float64), sigma, mode="nearest")
+        np.testing.assert_allclose(gaussian_blur(array, sigma), expected, atol=1e-3)

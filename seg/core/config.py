@@ -40,20 +40,45 @@ class Optimizer:
 
 @attrs.frozen
 class Scheduler:
-    """MultiStepLR: the learning rate is multiplied by ``gamma`` at each milestone epoch."""
+    """The learning-rate schedule, stepped once per epoch (formulas in ``seg.core.schedules``): ``multistep``
+    (the paper's: times ``gamma`` at each milestone epoch), ``poly`` (nnU-Net's: ``(1 - t) ** power``),
+    ``cosine`` (down to ``min_factor``) or ``constant``; any of them after ``warmup_epochs`` of linear warm-up."""
 
     milestones: list[int] = attrs.field(factory=lambda: [100, 200, 500])
     gamma: float = 0.5
+    name: str = attrs.field(default="multistep", validator=attrs.validators.in_(["multistep", "poly", "cosine",
+                                                                                  "constant"]))
+    warmup_epochs: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    power: float = 0.9
+    min_factor: float = 0.0
+
+
+def _pair(instance, attribute, value) -> None:
+    if len(value) != 2 or value[0] > value[1]:
+        raise ValueError(f"{attribute.name} must be [low, high] with low <= high, got {value!r}")
 
 
 @attrs.frozen
 class Augment:
-    """Fine-tuning augmentations, applied on the fly to each training patch (probabilities per patch)."""
+    """Fine-tuning augmentations, drawn per patch on the training device (``seg.core.augment``); all off by
+    default (the paper names none). Probabilities are per patch; ``flip_prob`` per axis."""
 
     flip_prob: float = 0.0
     intensity_scale: float = 0.0
     intensity_shift: float = 0.0
     noise_std: float = 0.0
+    rotation: list[float] = attrs.field(factory=lambda: [0.0, 0.0, 0.0],
+                                        validator=attrs.validators.deep_iterable(attrs.validators.ge(0.0),
+                                                                                 attrs.validators.min_len(3)))
+    scale: list[float] = attrs.field(factory=lambda: [1.0, 1.0], validator=_pair)
+    spatial_prob: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 8.0
+    elastic_prob: float = 0.0
+    gamma_range: list[float] = attrs.field(factory=lambda: [0.7, 1.5], validator=_pair)
+    gamma_prob: float = 0.0
+    blur_sigma: list[float] = attrs.field(factory=lambda: [0.5, 1.0], validator=_pair)
+    blur_prob: float = 0.0
 
 
 @attrs.frozen
@@ -83,6 +108,7 @@ class Finetune:
     optimizer: Optimizer = attrs.field(factory=Optimizer)
     scheduler: Scheduler = attrs.field(factory=Scheduler)
     augment: Augment = attrs.field(factory=Augment)
+    class_share: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
     val_fraction: float = 0.2
     val_every: int = 10
     checkpoint_every: int = 1

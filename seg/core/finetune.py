@@ -1,8 +1,9 @@
 """The supervised stage: ``seg run finetune``.
 
 Patches as in the paper (whole slices, a random run of slices along the body axis, each holding some
-foreground), the configured loss, Adam + MultiStepLR, validation on held-out cases through the real inferer
-every ``val_every`` epochs, ``checkpoint_latest`` / ``checkpoint_best``.
+foreground; optionally class-aware, ``seg.core.patches``) made in a background thread, augmented on the
+training device (``seg.core.augment``), the configured loss, optimizer and schedule, validation on held-out
+cases through the real inferer every ``val_every`` epochs, ``checkpoint_latest`` / ``checkpoint_best``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from seg.core import distributed, plugins
+from seg.core.augment import augment_batch
 from seg.core.config import Experiment, experiment_toml
 from rich.table import Table
 
@@ -22,7 +24,8 @@ from seg.core.data import labeled_cases
 from seg.core.inference import class_argmax, resolve_device
 from seg.core.metrics import dice
 from seg.core.model import build_backbone, describe_backbone, load_pretrained
-from seg.core.patches import augment, foreground_slices, sample_patch
+from seg.core.modelfile import training_record
+from seg.core.patches import LabeledPatches
 from seg.core.runs import open_run_dir
 from seg.core.train import BEST, build_optimizer, seed_everything, stage_loop
 
@@ -80,7 +83,6 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         train = [c for c in cases if c.name in train_names]
         val = [c for c in cases if c.name in val_names]
         info(f"fine-tuning on {len(train)} cases, validating on {len(val)}: {', '.join(val_names)}")
-        fg = {c.name: foreground_slices(np.asarray(c.label)) for c in train}
         num_classes = dataset.num_classes
         network = build_backbone(exp.backbone, 1, num_classes).to(dev)
         described = describe_backbone(exp.backbone, 1, num_classes)
@@ -93,7 +95,7 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         inferer = plugins.get("inferers", exp.predict.inferer.name)(**exp.predict.inferer.options)
         optimizer = build_optimizer(network.parameters(), cfg.optimizer)
         meta = {"kind": "finetune", "config": experiment_toml(exp), "backbone": described,
-                "labels": json.dumps(dataset.labels)}
+                "labels": json.dumps(dataset.labels), **training_record(exp, dataset)}
         loop = stage_loop(cfg, cases=len(train), run_dir=out, module=model, optimizer=optimizer, device=dev,
                           generator=generator, meta=meta, epochs=epochs)
         best = {"score": -1.0}
@@ -101,17 +103,15 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
             loop.resume()
             best["score"] = max([r.get("val_mean_dice", -1.0) for r in loop.history] + [-1.0])
 
-        def compute_loss():
-            images, labels = [], []
-            for _ in range(cfg.batch_size):
-                case = train[int(generator.integers(len(train)))]
-                image, label = sample_patch(np.asarray(case.image), np.asarray(case.label), cfg.patch_size,
-                                            generator, fg[case.name])
-                image, label = augment(image, label, cfg.augment, generator)
-                images.append(image)
-                labels.append(label)
-            x = torch.from_numpy(np.stack(images))[:, None].to(dev)
-            y = torch.from_numpy(np.stack(labels)).to(dev)
+        patches = LabeledPatches(train, cfg.patch_size, cfg.class_share, generator)
+
+        def make_batch():
+            return (*patches.batch(cfg.batch_size), int(generator.integers(2**62)))
+
+        def compute_loss(batch):
+            images, labels, seed = batch
+            x, y = torch.from_numpy(images).to(dev), torch.from_numpy(labels).to(dev)
+            x, y = augment_batch(x, y, cfg.augment, seed)
             return loss_fn(model(x), y), {}
 
         def on_epoch_end(epoch: int):
@@ -124,7 +124,7 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
                 loop.save(BEST)
             return scores
 
-        loop.run(compute_loss, on_epoch_end=on_epoch_end, description="fine-tuning")
+        loop.run(compute_loss, on_epoch_end=on_epoch_end, description="fine-tuning", batches=make_batch)
         if not (Path(out) / BEST).exists():
             loop.save(BEST)
         if distributed.is_main():

@@ -1,14 +1,15 @@
-"""Training patches from preprocessed (z, y, x) volumes, and the fine-tuning augmentations.
+"""Training patches from preprocessed (z, y, x) volumes.
 
-Everything random draws from one ``numpy.random.Generator`` so a resumed run samples exactly what an
-uninterrupted one would.
+Fine-tuning patches are centred on a voxel drawn by one of two rules: the paper's (a random foreground voxel
+of a random slice that holds foreground, so the liver dominates) or, for a share ``class_share`` of the
+patches, nnU-Net's class-aware rule (a voxel of a class drawn uniformly among those present in the case, so
+small organs are seen as often as large ones). Everything random draws from one ``numpy.random.Generator``
+so a resumed run samples exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from seg.core.config import Augment
 
 
 def foreground_slices(label: np.ndarray) -> np.ndarray:
@@ -28,17 +29,19 @@ def _start(center: int, extent: int, patch: int, rng: np.random.Generator) -> in
 
 
 def sample_patch(image: np.ndarray, label: np.ndarray | None, size, rng: np.random.Generator,
-                 fg_slices: np.ndarray | None = None, pad_value: float | None = None):
+                 fg_slices: np.ndarray | None = None, pad_value: float | None = None, centre=None):
     """A random ``size`` (d, h, w) patch of ``image`` (and ``label``).
 
-    With ``fg_slices`` non-empty the patch contains at least one foreground voxel (the paper: every
-    fine-tuning patch holds some organ); volumes smaller than the patch are padded with ``pad_value``
-    (default: the image minimum, i.e. air after clipping) and label 0.
+    The patch contains ``centre`` (a voxel index) when given; else, with ``fg_slices`` non-empty, at least one
+    foreground voxel (the paper: every fine-tuning patch holds some organ). Volumes smaller than the patch
+    are padded at their end with ``pad_value`` (default: the image minimum, i.e. air after clipping) and label 0.
     """
     pad_value = float(image.min()) if pad_value is None else pad_value
     image = _pad_to(image, size, pad_value)
     label = None if label is None else _pad_to(label, size, 0)
-    if label is not None and fg_slices is not None and len(fg_slices):
+    if centre is not None:
+        center = tuple(int(c) for c in centre)
+    elif label is not None and fg_slices is not None and len(fg_slices):
         z = int(fg_slices[rng.integers(len(fg_slices))])
         ys, xs = np.nonzero(label[z])
         pick = rng.integers(len(ys))
@@ -52,17 +55,45 @@ def sample_patch(image: np.ndarray, label: np.ndarray | None, size, rng: np.rand
     return image_patch, label_patch
 
 
-def augment(image: np.ndarray, label: np.ndarray | None, cfg: Augment, rng: np.random.Generator):
-    """Random flips along each axis, intensity scale and shift, Gaussian noise (each off when 0)."""
-    for axis in range(3):
-        if cfg.flip_prob and rng.random() < cfg.flip_prob:
-            image = np.flip(image, axis)
-            label = None if label is None else np.flip(label, axis)
-    if cfg.intensity_scale:
-        image = image * (1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale))
-    if cfg.intensity_shift:
-        image = image + rng.uniform(-cfg.intensity_shift, cfg.intensity_shift)
-    if cfg.noise_std:
-        image = image + rng.normal(0.0, cfg.noise_std, image.shape)
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    return image, None if label is None else np.ascontiguousarray(label)
+class LabeledPatches:
+    """Fine-tuning batches from preprocessed labeled cases: a case drawn uniformly, then a patch centred by
+    the class-aware rule with probability ``class_share``, else by the paper's foreground rule."""
+
+    def __init__(self, cases, size, class_share: float, rng: np.random.Generator):
+        self.images = [np.asarray(c.image) for c in cases]
+        self.labels = [np.asarray(c.label) for c in cases]
+        self.size, self.class_share, self.rng = list(size), class_share, rng
+        self.fg = [foreground_slices(label) for label in self.labels]
+        self.voxels = [class_voxels(label) for label in self.labels] if class_share > 0 else None
+
+    def centre(self, index: int) -> tuple[tuple[int, int, int] | None, int | None]:
+        """(voxel, class) chosen by the class-aware rule for case ``index``; (None, None) for the paper's rule
+        (or a case without foreground)."""
+        if not self.class_share or not self.voxels[index] or self.rng.random() >= self.class_share:
+            return None, None
+        classes = sorted(self.voxels[index])
+        chosen = classes[int(self.rng.integers(len(classes)))]
+        flat = self.voxels[index][chosen]
+        voxel = np.unravel_index(int(flat[self.rng.integers(len(flat))]), self.labels[index].shape)
+        return tuple(int(v) for v in voxel), chosen
+
+    def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, 1, D, H, W) float32 and labels (B, D, H, W) int64."""
+        images, labels = [], []
+        for _ in range(batch_size):
+            i = int(self.rng.integers(len(self.images)))
+            centre, _ = self.centre(i)
+            image, label = sample_patch(self.images[i], self.labels[i], self.size, self.rng, self.fg[i],
+                                        centre=centre)
+            images.append(image)
+            labels.append(label)
+        return np.stack(images)[:, None], np.stack(labels)
+
+
+def class_voxels(label: np.ndarray) -> dict[int, np.ndarray]:
+    """Flat indices of every foreground class's voxels (classes absent from ``label`` have no entry)."""
+    flat = label.ravel()
+    order = np.argsort(flat, kind="stable")
+    values, starts = np.unique(flat[order], return_index=True)
+    ends = np.append(starts[1:], len(flat))
+    return {int(v): order[a:b] for v, a, b in zip(values, starts, ends) if v != 0}

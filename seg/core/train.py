@@ -8,23 +8,27 @@ it ends with the same weights as one that never stopped (on CPU with a fixed see
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from seg.core import distributed
 from seg.core.checkpoint import load_checkpoint, save_checkpoint
-from seg.core.config import Optimizer, Scheduler
+from seg.core.config import Optimizer
 from seg.core.console import info, progress_bar
 from seg.core.errors import CheckpointError, SegError
 from seg.core.io import write_text
+from seg.core.loader import Prefetcher
+from seg.core.schedules import build_scheduler
 
 LATEST = "checkpoint_latest.pt"
 BEST = "checkpoint_best.pt"
@@ -69,19 +73,15 @@ def build_optimizer(parameters, cfg: Optimizer) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Scheduler):
-    """MultiStepLR stepped once per epoch (the paper: milestones [100, 200, 500], gamma 0.5)."""
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
-
-
 def stage_loop(cfg, *, cases: int, run_dir: Path, module: torch.nn.Module, optimizer, device: torch.device,
                generator: np.random.Generator, meta: dict, epochs: int | None = None) -> "TrainingLoop":
     """The loop for a stage config (``Pretrain`` or ``Finetune``): its scheduler and epochs, and by default one
     pass over ``cases`` per epoch across all ranks (``steps_per_epoch`` overrides)."""
     steps = cfg.steps_per_epoch or max(1, cases // (cfg.batch_size * distributed.world_size()))
+    epochs = cfg.epochs if epochs is None else epochs
     return TrainingLoop(run_dir=Path(run_dir), module=module, optimizer=optimizer,
-                        scheduler=build_scheduler(optimizer, cfg.scheduler), device=device,
-                        epochs=cfg.epochs if epochs is None else epochs, steps_per_epoch=steps,
+                        scheduler=build_scheduler(optimizer, cfg.scheduler, epochs), device=device,
+                        epochs=epochs, steps_per_epoch=steps,
                         generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every)
 
 
@@ -168,37 +168,57 @@ class TrainingLoop:
         writer.writeheader()
         writer.writerows(self.history)
         write_text(buffer.getvalue(), self.run_dir / "metrics.csv")
+        from seg.core import dashboard  # TensorBoard events and progress.png, each where its package is installed
 
-    def run(self, compute_loss: Callable[[], tuple[torch.Tensor, dict]],
+        dashboard.update(self.run_dir, self.history, self.meta.get("labels"))
+
+    def run(self, compute_loss: Callable[..., tuple[torch.Tensor, dict]],
             after_step: Callable[[], None] | None = None,
-            on_epoch_end: Callable[[int], dict | None] | None = None, description: str = "training") -> None:
-        """Train from the current epoch to ``self.epochs``."""
+            on_epoch_end: Callable[[int], dict | None] | None = None, description: str = "training",
+            batches: Callable[[], Any] | None = None) -> None:
+        """Train from the current epoch to ``self.epochs``.
+
+        With ``batches``, each step's batch is made by ``batches()`` in a background thread while the step
+        before computes (``seg.core.loader``), and ``compute_loss(batch)`` gets it; without, ``compute_loss()``
+        makes its own. Each epoch's record holds ``train_cpu_s`` and ``train_wall_s`` (the run's process CPU
+        and wall seconds spent in training steps so far, validation excluded: time to accuracy) and
+        ``data_wait`` (the share of the epoch's step time spent waiting for a batch)."""
         if self.epoch == 0 and not (self.run_dir / LATEST).exists():
             self.save()  # an initialised checkpoint: `--epochs 0` yields a usable model
         total = (self.epochs - self.epoch) * self.steps_per_epoch
+        spent = self.history[-1] if self.history else {}
+        cpu_total, wall_total = spent.get("train_cpu_s", 0.0), spent.get("train_wall_s", 0.0)
         with progress_bar(description, total) as advance:
             while self.epoch < self.epochs:
                 sums: dict[str, float] = defaultdict(float)
                 self.module.train()
-                for _ in range(self.steps_per_epoch):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                        loss, metrics = compute_loss()
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"{self.run_dir}: loss became {loss.item()} at epoch {self.epoch + 1}; "
-                                            "lower the learning rate or check the data")
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    if after_step is not None:
-                        after_step()
-                    for key, value in {"loss": loss.item(), **metrics}.items():
-                        sums[key] += float(value)
-                    advance(1, epoch=self.epoch + 1, loss=loss.item())
+                lr = self.optimizer.param_groups[0]["lr"]
+                cpu, wall = time.process_time(), time.perf_counter()
+                with contextlib.ExitStack() as stack:
+                    source = stack.enter_context(Prefetcher(batches, self.steps_per_epoch)) if batches else None
+                    for _ in range(self.steps_per_epoch):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                            loss, metrics = compute_loss(source.next()) if source else compute_loss()
+                        if not torch.isfinite(loss):
+                            raise NonFiniteLoss(f"{self.run_dir}: loss became {loss.item()} at epoch "
+                                                f"{self.epoch + 1}; lower the learning rate or check the data")
+                        self.scaler.scale(loss).backward()
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                        if after_step is not None:
+                            after_step()
+                        for key, value in {"loss": loss.item(), **metrics}.items():
+                            sums[key] += float(value)
+                        advance(1, epoch=self.epoch + 1, loss=loss.item())
+                cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+                cpu_total, wall_total = cpu_total + cpu, wall_total + wall
                 self.scheduler.step()
                 self.epoch += 1
-                record = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+                record = {"epoch": self.epoch, "lr": lr}
                 record.update({k: v / max(1, self.steps_per_epoch) for k, v in sums.items()})
+                record.update({"train_cpu_s": round(cpu_total, 3), "train_wall_s": round(wall_total, 3),
+                               "data_wait": round(source.waited / wall, 4) if source else 0.0})
                 if on_epoch_end is not None:
                     record.update(on_epoch_end(self.epoch) or {})
                 self.history.append(record)

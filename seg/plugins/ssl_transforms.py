@@ -26,6 +26,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from seg.core.augment import gaussian_blur, gaussian_kernels  # noqa: F401 (part of this module's API)
 from seg.core.errors import ConfigError, DataError
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, size) per axis D, H, W
@@ -97,40 +98,6 @@ def paired_views(batch: torch.Tensor, crop_size, scales=OFFICIAL_CROP_SCALES, mi
         first.append(crop_resize(volume, box1, size))
         second.append(crop_resize(volume, box2, size))
     return torch.stack(first), torch.stack(second)
-
-
-def gaussian_kernels(sigmas: torch.Tensor, truncate: float = 4.0) -> torch.Tensor:
-    """Normalised 1D Gaussian kernels (N, 2R+1), one per sigma, each cut at ``int(truncate*sigma+0.5)``
-    taps like ``scipy.ndimage.gaussian_filter1d`` (R: the largest such radius; sigma 0 is the identity)."""
-    radii = (truncate * sigmas + 0.5).floor()
-    radius = int(radii.max()) if sigmas.numel() else 0
-    taps = torch.arange(-radius, radius + 1, dtype=sigmas.dtype, device=sigmas.device)
-    safe = sigmas.clamp_min(1e-6)[:, None]
-    weights = torch.exp(-0.5 * (taps[None] / safe) ** 2) * (taps[None].abs() <= radii[:, None])
-    return weights / weights.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Blur every sample of ``x`` (B, C, D, H, W) with its own sigmas (B, 3) in voxels along D, H, W.
-
-    Separable convolution, edges mirrored (scipy's ``mode="mirror"``), kernels truncated at 4 sigma.
-    """
-    b, c = x.shape[:2]
-    out = x.reshape(1, b * c, *x.shape[2:])
-    for axis in range(3):
-        kernel = gaussian_kernels(sigmas[:, axis].to(x)).repeat_interleave(c, dim=0)
-        extent = out.shape[2 + axis]
-        radius = min(kernel.shape[1] // 2, extent - 1)
-        kernel = kernel[:, kernel.shape[1] // 2 - radius: kernel.shape[1] // 2 + radius + 1]
-        kernel = kernel / kernel.sum(dim=1, keepdim=True)  # only changes kernels wider than the volume
-        if radius == 0:
-            continue
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        shape = [b * c, 1, 1, 1, 1]
-        shape[2 + axis] = 2 * radius + 1
-        out = F.conv3d(F.pad(out, pad, mode="reflect"), kernel.reshape(shape), groups=b * c)
-    return out.reshape(x.shape)
 
 
 def _noise(shape, low: float, high: float, like: torch.Tensor, generator) -> torch.Tensor:
