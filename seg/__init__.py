@@ -3,7 +3,7 @@
 Public API:
 
 - ``seg.hookimpl``: the marker plugin authors decorate their ``register_*`` functions with.
-- ``seg.predict_image(image, run_dir)``: segment a SimpleITK image in memory (see ``seg.core.predict``).
+- ``seg.predict_image(image, run_dir_or_model_file)``: segment a SimpleITK image in memory (``seg.core.predict``).
 """
 
 import pluggy
@@ -14,7 +14,7 @@ hookimpl = pluggy.HookimplMarker("seg")
 
 
 def predict_image(image, run, **options):
-    """Segment a SimpleITK ``image`` with the model saved in the run folder ``run``.
+    """Segment a SimpleITK ``image`` with the model of ``run``: a fine-tuning run folder or a ``seg export`` file.
 
     Returns a uint8 SimpleITK label map on exactly the grid of ``image``. Options are those of
     ``seg predict`` (``device``, ``precision``, ``overlap``...).

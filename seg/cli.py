@@ -156,10 +156,10 @@ def run_pretrain(data_dir, out, experiment, overrides, backbone, resume, epochs,
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(nproc)
     from seg.core.pretrain import pretrain
-    from seg.core.runs import discarded_if_refused
+    from seg.core.runs import claim_run_dir
 
     exp = None if resume else _experiment(experiment, overrides, backbone=backbone, **{"pretrain.ssl": ssl})
-    with discarded_if_refused(out, resume):
+    with claim_run_dir(out, resume, "pretrain"):
         pretrain(data_dir, out, exp, resume=resume, device=device, workers=workers, epochs=epochs)
     console.print(f"[green]pretraining run written to {out}")
 
@@ -172,10 +172,10 @@ def run_finetune(data_dir, out, experiment, overrides, backbone, resume, epochs,
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_with_torchrun(nproc)
     from seg.core.finetune import finetune
-    from seg.core.runs import discarded_if_refused
+    from seg.core.runs import claim_run_dir
 
     exp = None if resume else _experiment(experiment, overrides, backbone=backbone)
-    with discarded_if_refused(out, resume):
+    with claim_run_dir(out, resume, "finetune"):
         finetune(data_dir, out, exp, init=init, resume=resume, device=device, workers=workers, epochs=epochs)
     console.print(f"[green]fine-tuning run written to {out}")
 
@@ -184,7 +184,8 @@ def run_finetune(data_dir, out, experiment, overrides, backbone, resume, epochs,
 @click.option("-i", "--input", "input_path", required=True, type=click.Path(path_type=Path),
               help="image file, DICOM series folder, or folder of images")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="label map file or folder")
-@click.option("--model", "run_dir", required=True, type=click.Path(path_type=Path), help="fine-tuning run folder")
+@click.option("--model", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="fine-tuning run folder, or a model file from seg export")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
               help="default: the experiment's (fp16 on CUDA, fp32 on CPU)")
@@ -192,21 +193,41 @@ def run_finetune(data_dir, out, experiment, overrides, backbone, resume, epochs,
 @click.option("--overwrite", is_flag=True, help="redo cases whose output exists")
 @click.option("--save-probabilities", is_flag=True, help="also write CASE.npz class probabilities")
 @click.option("--preview", is_flag=True, help="also write CASE.png: three slices with labels overlaid")
-def predict(input_path, output, run_dir, device, precision, overlap, overwrite, save_probabilities, preview):
+@click.option("--statistics", is_flag=True,
+              help="also write CASE.json: each organ's volume (ml) and mean/min/max intensity (HU); a folder "
+                   "gets statistics.csv")
+def predict(input_path, output, run_dir, device, precision, overlap, overwrite, save_probabilities, preview,
+            statistics):
     """Segment CT images; each label map lands on exactly its input's grid."""
-    from seg.core.predict import predict_paths
+    from seg.core.predict import describe_summary, predict_paths
 
     if overlap is not None and not 0 <= overlap < 1:
         raise SegError(f"--overlap {overlap}: must be in [0, 1)")
     summary = predict_paths(input_path, output, run_dir, overwrite=overwrite, save_probabilities=save_probabilities,
-                            preview=preview, device=device, precision=precision, overlap=overlap)
+                            preview=preview, statistics=statistics, device=device, precision=precision,
+                            overlap=overlap)
     if not summary["failed"]:
-        console.print(f"predicted {summary['done']}, skipped {summary['skipped']} (already done)")
+        console.print(describe_summary(summary), soft_wrap=True)
     if summary["failed"]:
         from seg.core.errors import CheckFailed
 
-        raise CheckFailed(f"{len(summary['failed'])} case(s) failed, the others were written: "
-                          + "; ".join(summary["failed"]))
+        raise CheckFailed(f"{len(summary['failed'])} case(s) failed, the others were written "
+                          f"({describe_summary(summary)}): " + "; ".join(summary["failed"]))
+
+
+@cli.command("export")
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="model file to write (MODEL.seg)")
+@click.option("--format", "fmt", type=click.Choice(["seg", "onnx"]), default="seg", show_default=True,
+              help="onnx: also MODEL.onnx and MODEL.onnx.json (preprocessing and inferer settings)")
+def export(run_dir, output, fmt):
+    """Export a fine-tuning run as one model file that `seg predict --model` runs without the run or its data."""
+    import shlex
+
+    from seg.core.export import export_model
+
+    written = export_model(run_dir, output, onnx=fmt == "onnx", command=shlex.join(["seg", *sys.argv[1:]]))
+    console.print(f"[green]wrote {escape(', '.join(map(str, written)))}", highlight=False)
 
 
 @cli.command()
@@ -216,7 +237,9 @@ def predict(input_path, output, run_dir, device, precision, overlap, overwrite, 
               help="CSV of per-case scores (a .json beside it too)")
 @click.option("--tolerance", type=float, default=None, help="NSD tolerance in mm for every label (default FLARE22's)")
 @click.option("--per-case", is_flag=True, help="also print the per-case table")
-def evaluate(pred, gt, out, tolerance, per_case):
+@click.option("--rule", type=click.Choice(["2022", "2024"]), default="2022", show_default=True,
+              help="2022: FLARE22's evaluation as the challenge ran it; 2024: its later code, NSD 0 where DSC < 0.2")
+def evaluate(pred, gt, out, tolerance, per_case, rule):
     """Dice and normalized surface Dice per case and organ (FLARE22 rules)."""
     from seg.core.console import progress_bar
     from seg.core.evaluate import evaluate_folders
@@ -226,7 +249,9 @@ def evaluate(pred, gt, out, tolerance, per_case):
         check_output_file(out, "--out")
         check_output_file(Path(out).with_suffix(".json"), "--out")
     with progress_bar("evaluating", None) as advance:
-        report = evaluate_folders(pred, gt, tolerances=tolerance, progress=advance)
+        report = evaluate_folders(pred, gt, tolerances=tolerance, progress=advance, rule=rule)
+    if out:  # before the table: a failed write (a full disk) is then the only thing printed
+        report.write(out)  # the CSV and the JSON, both or neither
     wide = console if console.is_terminal else Console(stderr=True, width=max(console.width, 140))
     wide.print(report.table())
     if per_case:
@@ -236,8 +261,6 @@ def evaluate(pred, gt, out, tolerance, per_case):
     if report.unmatched:
         console.print(f"[yellow]predictions without ground truth, not scored: {', '.join(report.unmatched)}")
     if out:
-        report.write_csv(out)
-        report.write_json(Path(out).with_suffix(".json"))
         console.print(f"wrote {out} and {Path(out).with_suffix('.json')}")
 
 
@@ -249,22 +272,36 @@ def evaluate(pred, gt, out, tolerance, per_case):
               help="labeled test dataset (imagesTr/labelsTr); default DATA/imagesTs + DATA/labelsTs")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="study folder (report.md goes here)")
 @click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP + " (every experiment)")
+@click.option("--labels", default=None, help="comma-separated label budgets (numbers of labeled cases): nested "
+              "subsets per seed, shared pretraining, paired comparisons")
+@click.option("--pretrain-seeds", default=None, help="with --labels: seeds of the shared pretraining runs "
+              "[default: the first of --seeds]")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help=SET_HELP + " (every experiment; pretrain.* only those that pretrain)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", default=1, show_default=True, help="preprocessing worker processes")
-def study(names, data_dir, test_dir, out, seeds, overrides, device, workers):
+def study(names, data_dir, test_dir, out, seeds, labels, pretrain_seeds, overrides, device, workers):
     """Pretrain, fine-tune and evaluate several experiments on the same split; write OUT/report.md."""
-    from seg.core.study import run_study
+    from seg.core.study import resolve_experiments, run_study
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise SegError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    def integers(option, text):
+        try:
+            values = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise SegError(f"{option} {text!r}: expected comma-separated integers") from None
+        if not values or min(values) < 0:
+            raise SegError(f"{option} {text!r}: expected comma-separated integers >= 0")
+        return values
+
+    seed_list = integers("--seeds", seeds)
+    budgets = integers("--labels", labels) if labels is not None else None
+    if pretrain_seeds is not None and budgets is None:
+        raise SegError("--pretrain-seeds: only with --labels (without it every seed pretrains its own run)")
+    pretrain_list = integers("--pretrain-seeds", pretrain_seeds) if pretrain_seeds is not None else None
     experiments_ = [n.strip() for n in names.split(",") if n.strip()]
-    for name in experiments_:
-        _experiment(name, overrides)  # fail early on a bad name or override
+    resolve_experiments(experiments_, overrides)  # fail early on a bad name or override
     report = run_study(experiments_, data_dir, out, seeds=seed_list, test=test_dir, overrides=overrides,
-                       device=device, workers=workers)
+                       device=device, workers=workers, labels=budgets, pretrain_seeds=pretrain_list)
     console.print(f"[green]report written to {report}")
 
 
@@ -309,7 +346,7 @@ def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="seg", standalone_mode=False)
     except click.exceptions.Abort:
-        console.print("[red]interrupted")
+        console.print(INTERRUPTED, highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # `seg run` alone: the help, as before
         exc.show()
@@ -328,5 +365,41 @@ def main(argv=None) -> None:
         console.print(f"[red]error: {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
-        console.print("[red]interrupted")
+        console.print(INTERRUPTED, highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
+    except ImportError as exc:
+        package = _missing_package(exc)
+        if debug or package is None:  # seg's own import failing is a bug: its traceback helps
+            raise
+        detail = escape(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        console.print(f"[red]error: cannot import {package} ({detail}); install or repair it: pip install "
+                      f"{_install_name(package)}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+
+
+INTERRUPTED = ("[red]interrupted: everything written so far is whole; the same command continues where it stopped "
+               "(seg run: add --resume)")
+
+
+def _missing_package(exc: ImportError) -> str | None:
+    """The top-level package that is missing or broken, or None when the failing import is seg's own (a bug).
+
+    ``exc.name`` names the module that could not be found or lacks a name; an error raised while a module was
+    being imported (a broken install, a missing shared library) names none: the innermost module is the culprit.
+    """
+    if exc.name:
+        top = exc.name.split(".")[0]
+        return None if top == "seg" else top
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_globals.get("__name__") or "").split(".")[0])
+        tb = tb.tb_next
+    culprit = next((name for name in reversed(frames) if name not in ("", "importlib")), "seg")
+    return None if culprit in ("seg", "__main__") else culprit
+
+
+def _install_name(module: str) -> str:
+    """The distribution that provides the top-level module ``module`` (its own name when not installed)."""
+    from importlib.metadata import packages_distributions
+
+    return (packages_distributions().get(module) or [module])[0]

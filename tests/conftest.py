@@ -54,3 +54,16 @@ def synth_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
     write_synthetic_dataset(root, labeled=4, unlabeled=4, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, synth_data) -> Path:
+    """A `smoke` fine-tuning run of one epoch on ``synth_data``, trained once per test session."""
+    from seg.core.config import load_experiment
+    from seg.core.console import set_quiet
+    from seg.core.finetune import finetune
+
+    set_quiet(True)
+    run = tmp_path_factory.mktemp("smoke-run") / "run"
+    finetune(synth_data, run, load_experiment("smoke"), device="cpu", epochs=1)
+    return run

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seg.core import plugins
+from seg.core.errors import ConfigError
 from seg.plugins import moco
 from seg.plugins.contrastive import Contrastive
 from tests.test_pcrl import TinyUNet, smooth_volumes, train
@@ -117,3 +118,81 @@ def test_group_statistics_match_batch_norm_of_each_group():
 
 def test_probe_finds_deepest_channels_and_outputs():
     assert moco.probe_backbone(TinyUNet(width=4, out_channels=2)) == (16, 2)
+
+
+# ---- several devices in one process: SplitBatchNorm (query) and shuffled groups (key) ------------------------
+
+def _norm(cls, **kwargs):
+    norm = cls(3, **kwargs)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        norm.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    return norm
+
+
+@pytest.mark.parametrize("batch, splits, members", [(6, 3, [[0, 1], [2, 3], [4, 5]]), (5, 2, [[0, 1, 2], [3, 4]]),
+                                                    (2, 4, [[0], [1]])])
+def test_split_batch_norm_normalises_each_group_with_its_own_statistics(batch, splits, members):
+    x = torch.randn(batch, 3, 4, 5, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    norm = _norm(moco.SplitBatchNorm, splits=splits)
+    y = norm(x)
+    expect = torch.empty_like(y)
+    flat = x.detach().transpose(0, 1).reshape(3, -1)
+    for group in members:  # by hand: mean and biased variance over the group's samples and voxels
+        g = x.detach()[group]
+        mean, var = g.mean((0, 2, 3, 4)), g.var((0, 2, 3, 4), unbiased=False)
+        shape = (1, 3, 1, 1, 1)
+        expect[group] = (g - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + 1e-5) * \
+            norm.weight.detach().reshape(shape) + norm.bias.detach().reshape(shape)
+    torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-5)
+    # running statistics: those of the whole batch, as plain batch norm keeps them
+    torch.testing.assert_close(norm.running_mean, 0.1 * flat.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.running_var, 0.9 + 0.1 * flat.var(1), rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()  # gradients flow through each group's statistics
+    reference = x.detach().clone().requires_grad_(True)
+    torch.cat([F.batch_norm(reference[g], None, None, norm.weight, norm.bias, True, 0.0, 1e-5)
+               for g in members]).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)
+    norm.eval()
+    plain = _norm(torch.nn.BatchNorm3d).eval()
+    plain.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x.detach()), plain(x.detach()))
+
+
+def test_bn_groups_split_the_online_backbone_per_process(monkeypatch):
+    plain_keys = set(TinyUNet().state_dict())
+    task = tiny_contrastive()  # default bn_groups = 4 (the official 4 GPUs), one process
+    norms = [m for m in task.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, moco.SplitBatchNorm) and m.splits == 4 for m in norms)
+    assert set(task.backbone.state_dict()) == plain_keys  # --init and fine-tuning load the same keys
+    assert not any(isinstance(m, moco.SplitBatchNorm) for m in tiny_contrastive(bn_groups=1).backbone.modules())
+    monkeypatch.setattr(moco, "world", lambda: (0, 2))
+    assert {m.splits for m in tiny_contrastive().backbone.modules() if isinstance(m, moco.SplitBatchNorm)} == {2}
+    monkeypatch.setattr(moco, "world", lambda: (0, 4))  # one group per device: plain batch norm per process
+    assert not any(isinstance(m, moco.SplitBatchNorm) for m in tiny_contrastive().backbone.modules())
+    with pytest.raises(ConfigError, match="bn_groups"):
+        tiny_contrastive(bn_groups=0)
+
+
+def test_key_encoder_groups_are_a_random_shuffle_of_the_batch():
+    torch.manual_seed(0)
+    task = tiny_contrastive(bn_groups=2)
+    norm = next(m for m in task.momentum_backbone.modules() if isinstance(m, moco.ShuffledBatchNorm))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    seen = []
+    norm.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.clone(), m.groups.clone())))
+    x = smooth_volumes(4)
+    for _ in range(12):
+        task.key(x)
+    groupings = set()
+    for inputs, out, groups in seen:
+        assert sorted(torch.bincount(groups).tolist()) == [2, 2]
+        for g in range(2):
+            members = groups == g
+            torch.testing.assert_close(out[members], F.batch_norm(inputs[members], None, None, norm.weight,
+                                                                  norm.bias, True, 0.0, 1e-5), rtol=1e-4, atol=1e-5)
+        groupings.add(frozenset(frozenset(torch.nonzero(groups == g).flatten().tolist()) for g in range(2)))
+    assert len(groupings) > 1  # shuffled anew every step, not the query's fixed consecutive groups
+    assert norm.groups is None  # only for that forward pass

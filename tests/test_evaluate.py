@@ -167,3 +167,58 @@ def test_table_layout_like_the_paper(tmp_path):
 def test_organ_names_map_to_flare22_values():
     assert flare22_value("inferior vena cava") == 6 and flare22_value("Aor.") == 5 and flare22_value("LK") == 13
     assert flare22_value("left_adrenal_gland") == 8 and flare22_value("kidney") is None
+
+
+@pytest.fixture
+def plates(tmp_path):
+    """A liver as a 1-voxel-thick plate and its prediction one voxel (1 mm) off: DSC 0 and, by hand, NSD 1."""
+    gt = np.zeros((6, 12, 12), np.uint8)
+    gt[2, 2:10, 2:10] = 1
+    pred = np.roll(gt, 1, axis=0)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
+    write(tmp_path / "gt" / "c.nii.gz", gt, spacing=(1.0, 1.0, 1.0))
+    write(tmp_path / "pred" / "c.nii.gz", pred, spacing=(1.0, 1.0, 1.0))
+    return tmp_path
+
+
+def test_evaluation_rule_2022_by_default_and_2024_on_request(plates):
+    default = evaluate_folders(plates / "pred", plates / "gt")
+    assert default.rule == "2022" and [(r["dsc"], r["nsd"]) for r in default.rows] == [(0.0, 1.0)]
+    later = evaluate_folders(plates / "pred", plates / "gt", rule="2024")
+    assert [(r["dsc"], r["nsd"]) for r in later.rows] == [(0.0, 0.0)]
+    assert json.loads(later.json_text())["rule"] == "2024"
+    with pytest.raises(ConfigError, match="--rule 2023"):
+        evaluate_folders(plates / "pred", plates / "gt", rule="2023")
+
+
+def test_seg_evaluate_rule_option(plates):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "seg", "-q", "evaluate", "--pred", plates / "pred", "--gt",
+                               plates / "gt", *args], capture_output=True, text=True)
+
+    for args, rule, nsd in (([], "2022", 1.0), (["--rule", "2024"], "2024", 0.0), (["--rule", "2022"], "2022", 1.0)):
+        result = run(*args, "--out", plates / f"m{rule}.csv")
+        assert result.returncode == 0, result.stderr
+        document = json.loads((plates / f"m{rule}.json").read_text())
+        assert (document["rule"], document["cases"][0]["nsd"]) == (rule, nsd)
+        assert list(csv.DictReader((plates / f"m{rule}.csv").open()))[0]["nsd"] == str(nsd)
+    refused = run("--rule", "2023")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and "--rule" in refused.stderr
+
+
+def test_csv_and_json_are_written_both_or_neither(folders, monkeypatch):
+    """When the JSON cannot be written, the CSV is not left alone (nor a temporary file)."""
+    report = evaluate_folders(folders / "pred", folders / "gt", tolerances=1.0)
+    out = folders / "out"
+    out.mkdir()
+
+    def refuse(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(report), "json_text", refuse)
+    with pytest.raises(OSError, match="m.json: cannot write"):
+        report.write(out / "m.csv")
+    assert list(out.iterdir()) == []

@@ -262,3 +262,35 @@ def test_slice_rule_on_a_single_slice_scores_that_slice():
     dsc, nsd = evaluate_case(pred, gt, (2.5, 0.8, 0.8), {10: "esophagus"}, FLARE22_TOLERANCES)[10]
     assert dsc == pytest.approx(2 * 12 / (16 + 12))
     assert nsd == pytest.approx(normalized_surface_dice(pred[2:3] == 10, gt[2:3] == 10, (2.5, 0.8, 0.8), 3.0))
+
+
+def _plates():
+    """Two 1-voxel-thick plates one voxel apart (1 mm): no voxel shared (DSC 0), yet every surface element of
+    each lies within 1 mm of the other's surface (NSD 1 at a 2 mm tolerance, by hand)."""
+    gt = np.zeros((6, 12, 12), np.uint8)
+    gt[2, 2:10, 2:10] = 1
+    pred = np.zeros_like(gt)
+    pred[3, 2:10, 2:10] = 1
+    return pred, gt
+
+
+def test_rule_2022_scores_nsd_even_where_dsc_is_below_0_2():
+    """FLARE22's evaluation as the challenge ran it (the paper's numbers): NSD is computed whatever the DSC."""
+    pred, gt = _plates()
+    assert evaluate_case(pred, gt, (1.0, 1.0, 1.0), {1: "liver"}, {1: 2.0}) == {1: (0.0, 1.0)}  # the default
+    assert evaluate_case(pred, gt, (1.0, 1.0, 1.0), {1: "liver"}, {1: 2.0}, rule="2022") == {1: (0.0, 1.0)}
+
+
+def test_rule_2024_scores_nsd_0_where_dsc_is_below_0_2_and_only_there():
+    pred, gt = _plates()
+    assert evaluate_case(pred, gt, (1.0, 1.0, 1.0), {1: "liver"}, {1: 2.0}, rule="2024") == {1: (0.0, 0.0)}
+    gt = np.zeros((4, 8, 8), np.uint8)
+    gt[1, 1, 1:6] = 1  # 5 voxels
+    pred = np.zeros_like(gt)
+    pred[1, 1, 5:7] = 1
+    pred[1, 2, 5:8] = 1  # 5 voxels, 1 shared: DSC = 2 * 1 / 10, exactly 0.2 (not below: NSD kept)
+    at_02 = evaluate_case(pred, gt, (1.0, 1.0, 1.0), {1: "liver"}, {1: 5.0}, rule="2024")[1]
+    assert at_02 == evaluate_case(pred, gt, (1.0, 1.0, 1.0), {1: "liver"}, {1: 5.0}, rule="2022")[1]
+    assert at_02[0] == 0.2 and at_02[1] > 0
+    with pytest.raises(ValueError, match="2023"):
+        evaluate_case(pred, gt, (1.0, 1.0, 1.0), {1: "liver"}, {1: 5.0}, rule="2023")

@@ -3,6 +3,8 @@
 ``TinyUNet`` and the synthetic volumes here are shared with the other SSL test files.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,3 +175,108 @@ def test_option_and_backbone_errors():
                           ("contrastive_weight", -1), ("crop_size", [8, 8])]:
         with pytest.raises(ConfigError, match=option):
             tiny_pcrl(**{option: value})
+
+
+# ---- as the official code trains it: view augmentations, targets, queue order, optimizer and schedule -----
+
+IDENTITY_VIEWS = {"crop_size": (16, 16, 16), "crop_scales": [(1, 1, 1)], "blur_rate": 0.0, "view_flip_rate": 1.0,
+                  "view_rotation": 0.0, "view_scale": (1.0, 1.0)}
+
+
+def encoded_inputs(task, batch) -> list[torch.Tensor]:
+    """The inputs of the ordinary encoder during one training step of ``task``."""
+    seen, encode = [], task.backbone.encode
+    task.backbone.encode = lambda x: seen.append(x.detach().clone()) or encode(x)
+    try:
+        task.training_step(batch)
+    finally:
+        del task.backbone.encode
+    return seen
+
+
+@pytest.mark.parametrize("name", ["pcrl", "contrastive"])
+def test_both_tasks_give_every_view_the_official_flip_and_affine(name, monkeypatch):
+    from seg.plugins import ssl_transforms
+
+    calls, real = [], ssl_transforms.random_view_affine
+    monkeypatch.setattr(ssl_transforms, "random_view_affine",
+                        lambda x, *args: calls.append((x.shape, args[:3])) or real(x, *args))
+    task = plugins.get("ssl_tasks", name)(TinyUNet(), queue_size=16, crop_size=(16, 16, 16))
+    task.training_step(smooth_volumes(2))
+    assert calls == [((2, 1, 16, 16, 16), (0.5, 10.0, (0.9, 1.1)))] * 2  # each view, on its own draw
+    batch = smooth_volumes(2, shape=(16, 16, 16))  # the encoder sees the flipped view itself
+    task = plugins.get("ssl_tasks", name)(TinyUNet(), queue_size=16, paint_rate=0.0, **IDENTITY_VIEWS)
+    assert torch.equal(encoded_inputs(task, batch)[0], batch.flip(-1))
+
+
+@pytest.mark.parametrize("targets", ["clean", "official"])
+def test_reconstruction_targets_clean_or_official(targets, monkeypatch):
+    from seg.plugins import ssl_transforms
+
+    monkeypatch.setattr(ssl_transforms, "random_flip_rotate",  # no target transform: compare the views themselves
+                        lambda x, rate, generator=None: (x, torch.tensor([[0.0] * 3 + [1, 0, 0, 0]] * len(x))))
+    seen, mse = [], F.mse_loss
+    monkeypatch.setattr(F, "mse_loss", lambda out, target: seen.append(target.clone()) or mse(out, target))
+    batch = smooth_volumes(1, shape=(16, 16, 16))  # one sample: mixup with itself changes nothing
+    task = PCRL(TinyUNet(), queue_size=16, paint_rate=1.0, targets=targets, **IDENTITY_VIEWS)
+    corrupted = encoded_inputs(task, batch)[0]
+    clean = batch.flip(-1)  # the view after the loader's flip, before painting
+    assert not torch.allclose(corrupted, clean)
+    if targets == "clean":
+        torch.testing.assert_close(seen[0], clean)
+        torch.testing.assert_close(seen[2], clean)
+    else:  # the official code: the corrupted input transformed, and for mixup the crop before flip and affine
+        torch.testing.assert_close(seen[0], corrupted)
+        torch.testing.assert_close(seen[2], batch)
+
+
+@pytest.mark.parametrize("enqueue", ["after_step", "between_terms"])
+def test_queue_read_before_the_step_or_between_terms(enqueue, monkeypatch):
+    from seg.plugins import moco
+
+    calls, info_nce = [], moco.KeyQueue.info_nce
+    monkeypatch.setattr(moco.KeyQueue, "info_nce",
+                        lambda self, q, k, t: calls.append((self.keys.clone(), k.detach().clone())) or info_nce(self, q, k, t))
+    torch.manual_seed(0)
+    task = tiny_pcrl(enqueue=enqueue)
+    loss, _ = task.training_step(smooth_volumes(2))
+    loss.backward()  # the queue may change between the terms and the backward pass
+    start = calls[0][0]
+    if enqueue == "after_step":
+        assert all(torch.equal(keys, start) for keys, _ in calls) and int(task.queue.pointer) == 0
+    else:  # each term's keys are in the queue the next term reads
+        torch.testing.assert_close(calls[1][0][:2], calls[0][1])
+        torch.testing.assert_close(calls[2][0][2:4], calls[1][1])
+        torch.testing.assert_close(calls[2][0][4:], start[4:])
+        assert int(task.queue.pointer) == 6
+    task.after_optimizer_step()
+    assert int(task.queue.pointer) == 6  # three key sets of 2, enqueued once either way
+    with pytest.raises(ConfigError, match="enqueue"):
+        tiny_pcrl(enqueue="sometimes")
+    with pytest.raises(ConfigError, match="targets"):
+        tiny_pcrl(targets="noisy")
+
+
+def test_official_optimizer_and_schedule():
+    from seg.core.config import Optimizer, load_experiment
+    from seg.core.schedules import lr_factor
+    from seg.core.train import build_optimizer
+
+    exp = load_experiment("flare22-pcrl-official-vnet")
+    cfg = exp.pretrain
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay,
+            cfg.optimizer.nesterov, cfg.batch_size) == ("sgd", 1e-3, 0.9, 1e-4, False, 16)
+    assert cfg.ssl.options == {"targets": "official", "enqueue": "between_terms"}
+    for epoch in range(cfg.epochs + 1):  # official adjust_learning_rate: lr * 0.5 * (1 + cos(pi * epoch / epochs))
+        assert lr_factor(cfg.scheduler, epoch, cfg.epochs) == pytest.approx(
+            0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs)), abs=1e-12)
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    optimizer = build_optimizer([p], cfg.optimizer)
+    value, velocity = 1.0, 0.0
+    for grad in (0.5, -2.0, 1.0):  # plain momentum: v = 0.9 v + g + wd p; p -= lr v
+        p.grad = torch.tensor([grad])
+        optimizer.step()
+        velocity = 0.9 * velocity + grad + 1e-4 * value
+        value -= 1e-3 * velocity
+        assert float(p.detach()) == pytest.approx(value, abs=1e-7)
+    assert build_optimizer([p], Optimizer(name="sgd")).param_groups[0]["nesterov"] is True  # today's default

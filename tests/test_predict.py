@@ -11,14 +11,8 @@ from seg.core.synth import synthetic_case
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory, synth_data):
-    from seg.core.config import load_experiment
-    from seg.core.finetune import finetune
-
-    set_quiet(True)
-    run = tmp_path_factory.mktemp("predict") / "run"
-    finetune(synth_data, run, load_experiment("smoke"), device="cpu", epochs=1)
-    return run
+def predictor(smoke_run):
+    return smoke_run
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:

@@ -190,3 +190,60 @@ def test_toml_lists_are_accepted():
 def test_batch_shape_is_checked():
     with pytest.raises(DataError, match="pcrl"):
         T.check_batch("pcrl", torch.zeros(2, 3, 4, 4, 4))
+
+
+def smooth(shape=(10, 12, 14), seed=0) -> torch.Tensor:
+    """A (1, *shape) smooth random volume."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(ndimage.gaussian_filter(rng.normal(size=shape), 2.0).astype(np.float32))[None]
+
+
+def test_view_affine_matches_scipy_affine_transform():
+    x = smooth()
+    angles, zooms = (0.12, -0.15, 0.08), (0.9, 1.1, 1.05)
+    got = T.view_affine(x, False, angles, zooms)[0].numpy()
+    matrix = T.rotation_matrix(angles).numpy() @ np.diag(1 / np.array(zooms))
+    centre = (np.array(x.shape[1:]) - 1) / 2  # the output at v reads the input at c + M (v - c)
+    expect = ndimage.affine_transform(x[0].numpy().astype(np.float64), matrix, offset=centre - matrix @ centre,
+                                      order=1, mode="grid-constant", cval=float(x.min()))
+    np.testing.assert_allclose(got, expect, atol=2e-5)
+    flipped = T.view_affine(x, True, angles, zooms)[0].numpy()  # the flip comes first, then the affine
+    expect = ndimage.affine_transform(x[0].numpy()[:, :, ::-1].astype(np.float64), matrix,
+                                      offset=centre - matrix @ centre, order=1, mode="grid-constant", cval=float(x.min()))
+    np.testing.assert_allclose(flipped, expect, atol=2e-5)
+
+
+def test_view_affine_without_a_transform_is_exact():
+    x = smooth()
+    assert torch.equal(T.view_affine(x, True, (0, 0, 0), (1, 1, 1)), x.flip(-1))
+    assert torch.equal(T.view_affine(x, False, (0, 0, 0), (1, 1, 1)), x)
+    batch = torch.stack([x, 2 * x])
+    assert torch.equal(T.random_view_affine(batch, 0.0, 0.0, (1.0, 1.0), gen()), batch)
+
+
+def test_random_view_affine_draws_the_official_ranges_per_sample(monkeypatch):
+    draws = []
+    monkeypatch.setattr(T, "view_affine", lambda x, flip, angles, zooms: draws.append((flip, angles, zooms)) or x)
+    T.random_view_affine(torch.zeros(2000, 1, 2, 2, 2), generator=gen())
+    flips = np.array([d[0] for d in draws])
+    angles = np.degrees([d[1] for d in draws])
+    zooms = np.array([d[2] for d in draws])
+    assert 0.45 < flips.mean() < 0.55
+    assert np.abs(angles).max() <= 10 and (np.abs(angles) > 9.5).any(axis=0).all()  # every axis spans +-10 degrees
+    assert zooms.min() >= 0.9 and zooms.max() <= 1.1 and (zooms < 0.91).any(axis=0).all() and (zooms > 1.09).any(axis=0).all()
+    assert abs(np.corrcoef(angles[:, 0], angles[:, 1])[0, 1]) < 0.1  # axes drawn independently
+    assert abs(np.corrcoef(zooms[:, 0], zooms[:, 2])[0, 1]) < 0.1
+
+
+def test_the_two_views_are_augmented_independently():
+    x = smooth()[None].repeat(3, 1, 1, 1, 1)
+    first, second = T.Augmentation().augment_views(x, x.clone(), gen())
+    for a, b in zip(first, second):
+        assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("option, value", [("view_rotation", -1.0), ("view_rotation", "x"), ("view_scale", (1.1, 0.9)),
+                                           ("view_scale", (0.0, 1.0)), ("view_flip_rate", 2.0)])
+def test_bad_view_options_name_the_option(option, value):
+    with pytest.raises(ConfigError, match=option):
+        T.Augmentation.checked("contrastive", **{option: value})

@@ -1,18 +1,24 @@
-"""``seg study`` at smoke size end to end, and the report's numbers checked against the runs' own files."""
+"""``seg study`` at smoke size end to end (every labeled case, and label budgets with shared pretraining), the
+report's numbers checked against the runs' own files, and the paired bootstrap against independent computations."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
-import os
+import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import seg.core.study as study_module
 from seg.core.report import adrenal_verdict, organ_table
-from seg.core.study import StudyRun, run_study
+from seg.core.study import (StudyRun, bootstrap_interval, experiment_overrides, label_subsets, paired_differences,
+                            resolve_experiments, run_study, verdict)
 from seg.core.synth import write_synthetic_dataset
+from seg.core.train import LATEST
 from tests.reliability.conftest import assert_one_line_error, seg_cli
 
 
@@ -35,7 +41,7 @@ def test_study_runs_every_stage_and_writes_a_self_contained_report(study):
         assert (out / name / "seed0/pred/synth_test_0000.nii.gz").exists()
         assert (out / "figures" / f"overlay_{name}.png").exists()
     text = report.read_text()
-    for heading in ("## Dice similarity coefficient", "## Normalized surface Dice", "## Per seed",
+    for heading in ("## Dice similarity coefficient", "## Normalized surface Dice", "## Per run",
                     "## The paper's finding", "## Resolved configurations"):
         assert heading in text
     for link in [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]:
@@ -111,9 +117,9 @@ def test_organ_table_averages_over_seeds_then_organs():
 
 def test_cli_refuses_bad_seeds_and_unknown_experiments(tmp_path):
     assert_one_line_error(seg_cli("study", "--experiments", "smoke", "--data", str(tmp_path), "--out",
-                                  str(tmp_path / "o"), "--seeds", "0,x"), "--seeds")
+                                  str(tmp_path / "o"), "--seeds", "0,x"), "--seeds", code=2)
     assert_one_line_error(seg_cli("study", "--experiments", "smoke,nope", "--data", str(tmp_path), "--out",
-                                  str(tmp_path / "o")), "nope")
+                                  str(tmp_path / "o")), "nope", code=2)
     assert not (tmp_path / "o").exists()
 
 
@@ -121,5 +127,228 @@ def test_study_without_test_cases_says_where_it_looked(tmp_path):
     write_synthetic_dataset(tmp_path / "data", 2, 0, seed=0)
     result = seg_cli("study", "--experiments", "smoke-scratch", "--data", str(tmp_path / "data"), "--out",
                      str(tmp_path / "o"))
-    assert_one_line_error(result, "imagesTs", "--test")
+    assert_one_line_error(result, "imagesTs", "--test", code=2)
+    assert not (tmp_path / "o").exists()
+
+
+# ---- label budgets: nested subsets, shared pretraining, paired bootstrap intervals, resume -------------------
+
+# the probe too: pretrain.* reaches the experiments that pretrain only
+BUDGET_SETTINGS = ("finetune.epochs=2", "finetune.val_every=2", "pretrain.probe_every=2", "pretrain.probe_steps=2")
+
+
+@pytest.fixture(scope="module")
+def budget_study(tmp_path_factory):
+    """smoke (PCRL) and smoke-scratch at seeds 0 and 1 with 1 and 2 labeled cases of 3; one test phantom."""
+    root = tmp_path_factory.mktemp("budgets")
+    write_synthetic_dataset(root / "data", 3, 2, seed=0, test=1)
+    report = run_study(["smoke", "smoke-scratch"], root / "data", root / "out", seeds=(0, 1), labels=(1, 2),
+                       overrides=BUDGET_SETTINGS, device="cpu")
+    return root / "out", report
+
+
+def test_label_subsets_are_nested_deterministic_and_drawn_from_the_seed():
+    names = [f"case{i:02d}" for i in range(10)]
+    subsets = label_subsets(names, (8, 1, 4, 2), seed=3)
+    assert list(subsets) == [1, 2, 4, 8]
+    for small, large in zip([1, 2, 4], [2, 4, 8]):
+        assert len(subsets[small]) == small and set(subsets[small]) < set(subsets[large])
+    assert label_subsets(list(reversed(names)), (1, 2, 4, 8), seed=3) == subsets  # the input order does not matter
+    assert len({tuple(label_subsets(names, (4,), seed=s)[4]) for s in range(6)}) > 1
+
+
+def test_budget_study_fine_tunes_every_budget_on_nested_subsets_shared_by_the_experiments(budget_study):
+    out, _ = budget_study
+    runs = json.loads((out / "runs.json").read_text())
+    assert len(runs) == 2 * 2 * 2 and {r["labels"] for r in runs} == {1, 2}
+    for seed in (0, 1):
+        cases = {(r["experiment"], r["labels"]): r["cases"] for r in runs if r["seed"] == seed}
+        assert cases[("smoke", 1)] == cases[("smoke-scratch", 1)] and cases[("smoke", 2)] == cases[("smoke-scratch", 2)]
+        assert len(cases[("smoke", 1)]) == 1 and set(cases[("smoke", 1)]) < set(cases[("smoke", 2)])
+    for r in runs:  # the run trained on its subset only, its validation drawn from it
+        config = (Path(r["folder"]) / "finetune" / "config.toml").read_text()
+        assert f"cases = {json.dumps(r['cases'])}" in config
+        log = (Path(r["folder"]) / "finetune" / "log.txt").read_text()
+        told = next(line for line in log.splitlines() if "validating on" in line)
+        assert set(told.split(": ")[-1].split(", ")) <= set(r["cases"])
+
+
+def test_budget_study_pretrains_once_per_experiment_and_every_run_starts_from_it(budget_study):
+    out, _ = budget_study
+    assert sorted(p.name for p in (out / "smoke").iterdir()) == ["pretrain-seed0", "pretrain0-seed0", "pretrain0-seed1"]
+    assert not any("pretrain" in p.name for p in (out / "smoke-scratch").rglob("*"))
+    shared = out / "smoke" / "pretrain-seed0" / "checkpoint_latest.pt"
+    for folder in (out / "smoke").glob("pretrain0-seed*/labels*"):
+        assert f"--init {shared}: loaded" in (folder / "finetune" / "log.txt").read_text()
+    for folder in (out / "smoke-scratch").glob("seed*/labels*"):
+        assert "--init" not in (folder / "finetune" / "log.txt").read_text()
+    runs = json.loads((out / "runs.json").read_text())
+    assert {r["init"] for r in runs if r["experiment"] == "smoke"} == {str(shared.parent)}
+    assert "probe_dice" in json.loads((shared.parent / "metrics.json").read_text())[-1]
+    assert {r["init"] for r in runs if r["experiment"] == "smoke-scratch"} == {None}
+
+
+def reference_interval(values, seed=0, resamples=10_000, level=0.95):
+    """An independent percentile bootstrap: the same documented draws, means summed by hand, quantiles
+    interpolated by hand."""
+    values = [float(v) for v in values]
+    n = len(values)
+    rows = np.random.default_rng(seed).integers(0, n, size=(resamples, n)).tolist()
+    means = sorted(sum(values[i] for i in row) / n for row in rows)
+
+    def quantile(q):
+        position = q * (len(means) - 1)
+        low = math.floor(position)
+        high = min(low + 1, len(means) - 1)
+        return means[low] + (means[high] - means[low]) * (position - low)
+
+    return sum(values) / n, quantile((1 - level) / 2), quantile((1 + level) / 2)
+
+
+def _table():
+    """A fixed score table: 'pre' (one pretraining seed) and 'base' at seeds 0 and 1, budget 2, cases a-c, two
+    organs; and a budget-4 row set that must not be paired with budget 2."""
+    dsc = {  # (experiment, seed, case) -> (liver, pancreas)
+        ("pre", 0, "a"): (0.90, 0.30), ("pre", 0, "b"): (0.80, 0.10), ("pre", 0, "c"): (0.70, 0.50),
+        ("pre", 1, "a"): (0.85, 0.20), ("pre", 1, "b"): (0.75, 0.40), ("pre", 1, "c"): (0.95, 0.00),
+        ("base", 0, "a"): (0.80, 0.20), ("base", 0, "b"): (0.70, 0.30), ("base", 0, "c"): (0.75, 0.10),
+        ("base", 1, "a"): (0.60, 0.10), ("base", 1, "b"): (0.80, 0.20), ("base", 1, "c"): (0.90, 0.10),
+    }
+    rows = []
+    for (experiment, seed, case), values in dsc.items():
+        for organ, value in zip(("liver", "pancreas"), values):
+            rows.append({"experiment": experiment, "pretrain_seed": 0 if experiment == "pre" else "", "seed": seed,
+                         "labels": 2, "case": case, "organ": organ, "dsc": value})
+            rows.append({**rows[-1], "labels": 4, "dsc": 1.0})
+    return rows[::-1]  # order must not matter
+
+
+def test_paired_differences_on_a_fixed_table_by_hand():
+    rows = _table()
+    # case means (liver + pancreas) / 2, pre minus base, units ordered (pretraining seed, seed, case):
+    # seed 0: a 0.60-0.50, b 0.45-0.50, c 0.60-0.425; seed 1: a 0.525-0.35, b 0.575-0.50, c 0.475-0.50
+    expect = [0.10, -0.05, 0.175, 0.175, 0.075, -0.025]
+    np.testing.assert_allclose(paired_differences(rows, "pre", "base", 2), expect, atol=1e-12)
+    np.testing.assert_allclose(paired_differences(rows, "pre", "base", 2, ["pancreas"]),
+                               [0.10, -0.20, 0.40, 0.10, 0.20, -0.10], atol=1e-12)
+    np.testing.assert_allclose(paired_differences(rows, "pre", "base", 4), [0.0] * 6, atol=1e-12)
+
+
+def test_bootstrap_interval_equals_an_independent_implementation_with_the_same_draws():
+    diffs = paired_differences(_table(), "pre", "base", 2)
+    got = bootstrap_interval(diffs)
+    assert got == pytest.approx(reference_interval(diffs), abs=1e-12)
+    assert got[0] == pytest.approx(0.075) and got[1] < 0.075 < got[2]
+    assert bootstrap_interval(diffs, seed=5) == pytest.approx(reference_interval(diffs, seed=5), abs=1e-12)
+    assert bootstrap_interval(diffs, seed=5) != got
+
+
+def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
+    values = [0.3, -0.1, 0.05, 0.2]  # 4^4 = 256 equally likely resamples, enumerated
+    means = sorted(sum(values[i] for i in idx) / 4 for idx in itertools.product(range(4), repeat=4))
+
+    def exact(q):  # the q-quantile of the exact distribution (lower value)
+        return means[math.ceil(q * len(means)) - 1]
+
+    _, low, high = bootstrap_interval(values, resamples=40_000)
+    assert exact(0.015) <= low <= exact(0.035)
+    assert exact(0.965) <= high <= exact(0.985)
+
+
+@pytest.mark.parametrize("low, high, expect", [
+    (0.01, 0.05, "helps"), (-0.05, -0.01, "hurts"), (-0.01, 0.05, "no difference resolved"),
+    (0.0, 0.05, "no difference resolved"), (0.0, 0.0, "no difference resolved"),
+])
+def test_verdict_reads_the_interval_only(low, high, expect):
+    assert verdict(low, high) == expect
+
+
+def test_report_shows_the_paired_intervals_recomputed_from_scores_csv(budget_study):
+    out, report = budget_study
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(out / "paired.csv", newline="") as f:
+        paired = {(r["labels"], r["organs"]): r for r in csv.DictReader(f)}
+    for labels in ("1", "2"):
+        units = {}
+        for r in rows:
+            key = (r["experiment"], r["seed"], r["case"])
+            if r["labels"] == labels:
+                units.setdefault(key, []).append(float(r["dsc"]))
+        diffs = [statistics.fmean(units[("smoke", s, c)]) - statistics.fmean(units[("smoke-scratch", s, c)])
+                 for (e, s, c) in sorted(units) if e == "smoke"]
+        mean, low, high = reference_interval(diffs)
+        row = paired[(labels, "mean")]
+        assert (float(row["difference"]), float(row["low"]), float(row["high"])) == pytest.approx(
+            (mean, low, high), abs=1e-6)
+        assert int(row["units"]) == 2 and row["verdict"] == verdict(float(row["low"]), float(row["high"]))
+        assert f"| smoke − smoke-scratch | {labels} | 2 | mean | {100 * mean:+.1f} [{100 * low:+.1f}, " \
+               f"{100 * high:+.1f}] | **{row['verdict']}** |" in report.read_text()
+    text = report.read_text()
+    for heading in ("## Learning curves", "## Does pretraining help?", "Per organ", "## Per run"):
+        assert heading in text
+
+
+def test_budget_report_figures(budget_study):
+    pytest.importorskip("matplotlib", reason="the plots are the optional seg[report] extra")
+    out, report = budget_study
+    for name in ("learning_curves.png", "curves.png"):
+        assert (out / "figures" / name).stat().st_size > 1000 and f"(figures/{name})" in report.read_text()
+
+
+class Stop(Exception):
+    """Stands for the study being stopped."""
+
+
+def test_a_rerun_continues_partially_trained_runs_from_their_latest_checkpoint(tmp_path, monkeypatch):
+    write_synthetic_dataset(tmp_path / "data", 2, 1, seed=0, test=1)
+    args = (["smoke"], tmp_path / "data", tmp_path / "out")
+    options = {"seeds": (0,), "labels": (1,), "device": "cpu"}
+    real = {"pretrain": study_module.pretrain, "finetune": study_module.finetune}
+
+    def stopped_after_one_epoch(stage):
+        def run(**kwargs):
+            real[stage](**kwargs, epochs=1)
+            raise Stop()
+        return run
+
+    pretrain_run = tmp_path / "out/smoke/pretrain-seed0"
+    finetune_run = tmp_path / "out/smoke/pretrain0-seed0/labels1/finetune"
+    monkeypatch.setattr(study_module, "pretrain", stopped_after_one_epoch("pretrain"))
+    with pytest.raises(Stop):
+        run_study(*args, **options)
+    first = json.loads((pretrain_run / "metrics.json").read_text())
+    assert [r["epoch"] for r in first] == [1] and not finetune_run.exists()
+
+    monkeypatch.setattr(study_module, "pretrain", real["pretrain"])
+    monkeypatch.setattr(study_module, "finetune", stopped_after_one_epoch("finetune"))
+    with pytest.raises(Stop):
+        run_study(*args, **options)
+    history = json.loads((pretrain_run / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2] and history[0] == first[0]  # continued, not redone
+    assert "resumed from" in (pretrain_run / "log.txt").read_text()
+    partial = json.loads((finetune_run / "metrics.json").read_text())
+
+    monkeypatch.setattr(study_module, "finetune", real["finetune"])
+    finished = (pretrain_run / LATEST).stat().st_mtime_ns
+    run_study(*args, **options)
+    history = json.loads((finetune_run / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3] and history[0] == partial[0]
+    assert "resumed from" in (finetune_run / "log.txt").read_text()
+    assert (pretrain_run / LATEST).stat().st_mtime_ns == finished  # a finished run is not touched
+    assert (tmp_path / "out/report.md").exists()
+
+
+def test_pretraining_overrides_skip_experiments_without_pretraining():
+    overrides = ("pretrain.probe_every=1", "finetune.epochs=2")
+    assert experiment_overrides("smoke", overrides) == overrides
+    assert experiment_overrides("smoke-scratch", overrides) == ("finetune.epochs=2",)
+    assert [e.finetune.epochs for e in resolve_experiments(["smoke", "smoke-scratch"], overrides)] == [2, 2]
+
+
+def test_cli_refuses_bad_label_budgets(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 2, 0, seed=0, test=1)
+    common = ("study", "--experiments", "smoke-scratch", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(seg_cli(*common, "--labels", "1,3"), "--labels 3", "1 to 2", code=2)
+    assert_one_line_error(seg_cli(*common, "--pretrain-seeds", "0"), "--pretrain-seeds", "--labels", code=2)
     assert not (tmp_path / "o").exists()

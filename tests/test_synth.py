@@ -178,9 +178,14 @@ def test_bad_requests_are_refused(tmp_path):
 
 
 def test_speed_of_twenty_small_cases(tmp_path):
+    """The demo's dataset (README: the whole method in about a minute on 2 CPU cores) must not eat that minute:
+    20 small phantoms took 9.4 s on the shared 2-core machine with other jobs running; 30 s is the bound."""
     start = time.perf_counter()
     write_synthetic_dataset(tmp_path / "d", labeled=10, unlabeled=10, seed=1)
-    print(f"\n20 small phantoms written in {time.perf_counter() - start:.2f} s")
+    seconds = time.perf_counter() - start
+    print(f"\n20 small phantoms written in {seconds:.2f} s")
+    assert len(list((tmp_path / "d").rglob("*_0000.nii.gz"))) == 20
+    assert seconds < 30.0, seconds
 
 
 def test_held_out_test_phantoms_do_not_depend_on_the_training_counts(tmp_path):

@@ -108,7 +108,13 @@ def _is_current(cache_dir: Path, name: str, key: str) -> bool:
 
 def _write_array(path: Path, array: np.ndarray) -> None:
     with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)
+        try:
+            np.save(fh, array)
+        except OSError as exc:
+            if exc.errno is None:  # numpy reports a short write (a full disk) without its errno: one more write
+                fh.write(bytes(1 << 16))  # to the file raises the real error (ENOSPC), naming the cause
+                fh.flush()
+            raise
 
 
 def _write_meta(path: Path, meta: dict) -> None:
@@ -153,18 +159,25 @@ def prepare_case(case, cache_dir, steps: list[tuple[str, dict]]) -> None:
     label = None if case.label is None else _read_label(case, image)
     sample, records = run_pipeline(build_pipeline(steps), Sample(image, label))
     image_file = f"{case.name}.{key}.image.npy"
-    _write_array(cache_dir / image_file, sitk.GetArrayViewFromImage(sample.image).astype(IMAGE_DTYPE))
-    label_file = None
-    if sample.label is not None:
-        label_file = f"{case.name}.{key}.label.npy"
-        _write_array(cache_dir / label_file, sitk.GetArrayViewFromImage(sample.label).astype(np.uint8))
-    meta = {"format": FORMAT, "name": case.name, "key": key, "steps": [[n, o] for n, o in steps],
-            "steps_hash": steps_hash(steps), "sources": sources, "source_image": str(case.image),
-            "source_label": None if case.label is None else str(case.label),
-            "geometry": geometry_dict(image), "preprocessed_geometry": geometry_dict(sample.image),
-            "shape": list(sitk.GetArrayViewFromImage(sample.image).shape), "image_dtype": np.dtype(IMAGE_DTYPE).name,
-            "image_file": image_file, "label_file": label_file, "records": records}
-    _write_meta(_meta_path(cache_dir, case.name), meta)  # the commit
+    label_file = None if sample.label is None else f"{case.name}.{key}.label.npy"
+    try:
+        _write_array(cache_dir / image_file, sitk.GetArrayViewFromImage(sample.image).astype(IMAGE_DTYPE))
+        if label_file is not None:
+            _write_array(cache_dir / label_file, sitk.GetArrayViewFromImage(sample.label).astype(np.uint8))
+        meta = {"format": FORMAT, "name": case.name, "key": key, "steps": [[n, o] for n, o in steps],
+                "steps_hash": steps_hash(steps), "sources": sources, "source_image": str(case.image),
+                "source_label": None if case.label is None else str(case.label),
+                "geometry": geometry_dict(image), "preprocessed_geometry": geometry_dict(sample.image),
+                "shape": list(sitk.GetArrayViewFromImage(sample.image).shape),
+                "image_dtype": np.dtype(IMAGE_DTYPE).name, "image_file": image_file, "label_file": label_file,
+                "records": records}
+        _write_meta(_meta_path(cache_dir, case.name), meta)  # the commit
+    except BaseException:  # a full disk, Ctrl-C: no array file outlives its uncommitted entry
+        committed = (_read_meta(cache_dir, case.name) or {}).get("key") == key  # by a concurrent prepare
+        for name in (image_file, label_file):
+            if name is not None and not committed:
+                (cache_dir / name).unlink(missing_ok=True)
+        raise
     _remove_superseded(cache_dir, case.name, key)
 
 
@@ -178,9 +191,13 @@ def is_prepared(case, cache_dir, steps: list[tuple[str, dict]]) -> bool:
 
 
 def _worker_setup() -> None:
-    """One thread per worker process: the processes are the parallelism."""
+    """One thread per worker process: the processes are the parallelism. Ctrl-C reaches the whole process
+    group: workers ignore it and finish their case, the main process stops the pool and reports it once."""
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 

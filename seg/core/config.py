@@ -30,12 +30,13 @@ class PluginChoice:
 
 @attrs.frozen
 class Optimizer:
-    """Adam (the paper's), AdamW or SGD."""
+    """Adam (the paper's), AdamW or SGD (``momentum``; ``nesterov = false`` is plain momentum, PCRL's official)."""
 
     name: str = attrs.field(default="adam", validator=attrs.validators.in_(["adam", "adamw", "sgd"]))
     lr: float = 1e-4
     weight_decay: float = 0.0
     momentum: float = 0.9
+    nesterov: bool = True
 
 
 @attrs.frozen
@@ -94,6 +95,8 @@ class Pretrain:
     optimizer: Optimizer = attrs.field(factory=Optimizer)
     scheduler: Scheduler = attrs.field(factory=lambda: Scheduler([], 1.0))
     checkpoint_every: int = 1
+    probe_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # seg.core.probe; 0: off
+    probe_steps: int = attrs.field(default=20, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen
@@ -112,6 +115,7 @@ class Finetune:
     val_fraction: float = 0.2
     val_every: int = 10
     checkpoint_every: int = 1
+    cases: list[str] = attrs.field(factory=list)  # labeled cases that take part (a label budget); []: all
 
 
 @attrs.frozen

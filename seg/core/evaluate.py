@@ -4,6 +4,7 @@ Files pair by case name (``CASE.nii.gz`` in both folders, nnU-Net style). Scores
 (see :mod:`seg.core.metrics`); a ground-truth case without a prediction scores 0 for every organ and is listed
 in the report. Labels come from a ``dataset.json`` beside the ground truth (or one folder up), else they are
 FLARE22's 13 organs; NSD tolerances are FLARE22's per organ (matched by organ name) unless one is given for all.
+The rule is FLARE22's as the challenge ran it in 2022, or (``rule="2024"``) the official code's later one.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from rich.table import Table
 from seg.core.check import label_values
 from seg.core.dataset import FLARE22_LABELS, parse_labels
 from seg.core.errors import ConfigError, DataError
-from seg.core.io import Geometry, case_name, image_suffix, read_image, write_text
-from seg.core.metrics import FLARE22_SLICE_LIMITED, FLARE22_TOLERANCES, evaluate_case
+from seg.core.io import Geometry, atomic_path, case_name, image_suffix, read_image, write_text
+from seg.core.metrics import FLARE22_SLICE_LIMITED, FLARE22_TOLERANCES, RULES, evaluate_case
 
 #: Column headings of the paper's Tables 3-5, per FLARE22 label value.
 SHORT_NAMES = {1: "Liv.", 2: "RK", 3: "Spl.", 4: "Pan.", 5: "Aor.", 6: "IVC", 7: "RAG", 8: "LAG", 9: "Gal.",
@@ -56,7 +57,7 @@ class EvaluationReport:
     """Scores of one evaluation: ``rows`` of {case, label, organ, dsc, nsd, note}, one per case and organ.
 
     ``missing`` names the ground-truth cases without a prediction (their rows score 0), ``unmatched`` the
-    predictions without ground truth (not scored).
+    predictions without ground truth (not scored); ``rule`` is the evaluation rule (``seg.core.metrics.RULES``).
     """
 
     rows: list[dict]
@@ -64,6 +65,7 @@ class EvaluationReport:
     tolerances: dict[int, float]
     missing: list[str] = attrs.field(factory=list)
     unmatched: list[str] = attrs.field(factory=list)
+    rule: str = "2022"
 
     @property
     def organs(self) -> list[str]:
@@ -85,21 +87,40 @@ class EvaluationReport:
         means = self.mean_per_organ().values()
         return {m: statistics.fmean(v[m] for v in means) for m in ("dsc", "nsd")}
 
-    def write_csv(self, path) -> None:
-        """One row per case and organ: case, organ, label, dsc, nsd, note (written atomically)."""
+    def csv_text(self) -> str:
+        """One row per case and organ: case, organ, label, dsc, nsd, note."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["case", "organ", "label", "dsc", "nsd", "note"],
                                 lineterminator="\n")
         writer.writeheader()
         writer.writerows({"note": "", **r} for r in self.rows)
-        write_text(buffer.getvalue(), path)
+        return buffer.getvalue()
+
+    def json_text(self) -> str:
+        """Rows, per-organ means, overall mean, tolerances, rule and missing cases as JSON."""
+        document = {"cases": self.rows, "mean_per_organ": self.mean_per_organ(), "mean": self.overall(),
+                    "tolerance_mm": {self.labels[v]: t for v, t in self.tolerances.items()}, "rule": self.rule,
+                    "missing_predictions": self.missing, "unmatched_predictions": self.unmatched}
+        return json.dumps(document, indent=1) + "\n"
+
+    def write_csv(self, path) -> None:
+        """``csv_text`` to ``path`` (atomically)."""
+        write_text(self.csv_text(), path)
 
     def write_json(self, path) -> None:
-        """Rows, per-organ means, overall mean, tolerances and missing cases as JSON (written atomically)."""
-        document = {"cases": self.rows, "mean_per_organ": self.mean_per_organ(), "mean": self.overall(),
-                    "tolerance_mm": {self.labels[v]: t for v, t in self.tolerances.items()},
-                    "missing_predictions": self.missing, "unmatched_predictions": self.unmatched}
-        write_text(json.dumps(document, indent=1) + "\n", path)
+        """``json_text`` to ``path`` (atomically)."""
+        write_text(self.json_text(), path)
+
+    def write(self, csv_path) -> Path:
+        """``csv_text`` to ``csv_path`` and ``json_text`` beside it (``.json``), both or neither: each is written
+        to a temporary file first and both are renamed into place only when both are complete. Returns the
+        JSON's path."""
+        csv_path = Path(csv_path)
+        json_path = csv_path.with_suffix(".json")
+        with atomic_path(csv_path) as csv_tmp, atomic_path(json_path) as json_tmp:
+            csv_tmp.write_text(self.csv_text())
+            json_tmp.write_text(self.json_text())
+        return json_path
 
     def _heading(self, value: int) -> str:
         flare = flare22_value(self.labels[value])
@@ -112,6 +133,8 @@ class EvaluationReport:
         caption = (f"{len(self.missing)} case(s) without a prediction scored 0: {', '.join(self.missing)}"
                    if self.missing else None)
         title = "DSC and NSD (%) per case" if per_case else f"DSC and NSD (%), mean of {len(self.cases)} cases"
+        if self.rule != "2022":
+            title += f" ({self.rule} rule: NSD 0 where DSC < 0.2)"
         table = Table(*(["Case"] if per_case else []), "Organ", title=title, caption=caption, box=box.SIMPLE_HEAD)
         for heading in (*headings, "Mean"):
             table.add_column(heading, justify="right")
@@ -201,9 +224,12 @@ def _images_by_case(folder: Path, option: str) -> dict[str, Path]:
 
 
 def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
-                     tolerances: dict[int, float] | float | None = None, progress=None) -> EvaluationReport:
-    """Score every ground-truth case of ``gt_dir`` against the same-named file of ``pred_dir``;
-    ``progress(0, total=cases)`` is called first, ``progress(1)`` after each case."""
+                     tolerances: dict[int, float] | float | None = None, progress=None,
+                     rule: str = "2022") -> EvaluationReport:
+    """Score every ground-truth case of ``gt_dir`` against the same-named file of ``pred_dir`` under ``rule``
+    (``seg.core.metrics.RULES``); ``progress(0, total=cases)`` is called first, ``progress(1)`` after each case."""
+    if rule not in RULES:
+        raise ConfigError(f"--rule {rule}: expected one of {', '.join(RULES)}")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder, option in ((pred_dir, "--pred"), (gt_dir, "--gt")):
         if not folder.is_dir():
@@ -244,9 +270,9 @@ def evaluate_folders(pred_dir, gt_dir, labels: dict[int, str] | None = None,
                     if extra:
                         raise DataError(f"{path}: {name} label values {extra[:10]} are not among the labels "
                                         f"{sorted(labels)} ({_labels_source(gt_dir)})")
-            scores = evaluate_case(pred, gt, spacing, labels, tolerances, slice_limited=slice_limited)
+            scores = evaluate_case(pred, gt, spacing, labels, tolerances, slice_limited=slice_limited, rule=rule)
             rows += [{"case": case, "organ": labels[v], "label": v, "dsc": d, "nsd": n} for v, (d, n) in scores.items()]
         if progress is not None:
             progress(1)
     unmatched = sorted(set(preds) - set(gts))
-    return EvaluationReport(rows, labels, tolerances, missing, unmatched)
+    return EvaluationReport(rows, labels, tolerances, missing, unmatched, rule)

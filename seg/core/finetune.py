@@ -21,6 +21,7 @@ from rich.table import Table
 
 from seg.core.console import console, info, is_quiet, log_to
 from seg.core.data import labeled_cases
+from seg.core.errors import ConfigError
 from seg.core.inference import class_argmax, resolve_device
 from seg.core.metrics import dice
 from seg.core.model import build_backbone, describe_backbone, load_pretrained
@@ -38,6 +39,18 @@ def split_cases(names: list[str], fraction: float, seed: int) -> tuple[list[str]
         return order, order
     n_val = min(len(order) - 1, max(1, round(fraction * len(order))))
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def chosen_cases(cases: list, names: list[str], data: Path) -> list:
+    """The labeled ``cases`` that ``finetune.cases`` names (all of them when it is empty: a label budget is a
+    subset); the train/validation split is then drawn from these as from all."""
+    if not names:
+        return cases
+    known = {c.name for c in cases}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ConfigError(f"finetune.cases: no labeled case {missing[0]!r} in {data}")
+    return [c for c in cases if c.name in set(names)]
 
 
 def validate(network, cases, inferer, device, num_classes: int) -> dict[str, float]:
@@ -78,6 +91,7 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
     with log_to(Path(out) / "log.txt"):
         dataset, cases = labeled_cases(Path(data), exp, workers)
         cfg = exp.finetune
+        cases = chosen_cases(cases, cfg.cases, data)
         generator = seed_everything(exp.seed + distributed.rank())
         train_names, val_names = split_cases([c.name for c in cases], cfg.val_fraction, exp.seed)
         train = [c for c in cases if c.name in train_names]

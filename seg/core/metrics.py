@@ -28,6 +28,10 @@ FLARE22_TOLERANCES: dict[int, float] = {1: 5.0, 2: 3.0, 3: 3.0, 4: 5.0, 5: 2.0, 
                                         10: 3.0, 11: 5.0, 12: 7.0, 13: 3.0}
 #: Label values FLARE22 scores only on the axial slices where the ground truth has them (aorta, IVC, esophagus).
 FLARE22_SLICE_LIMITED = (5, 6, 10)
+#: Evaluation rules: "2022", FLARE22's code as the challenge ran it (the paper's numbers); "2024", the official
+#: repository's later rule that scores NSD 0 wherever DSC < ``LOW_DSC`` (the surface is not even computed).
+RULES = ("2022", "2024")
+LOW_DSC = 0.2
 
 _CORNERS = list(itertools.product((0, 1), repeat=3))
 #: Distances within this relative margin of the tolerance are re-decided in float64 (ITK's map is float32).
@@ -201,14 +205,18 @@ def _label_boxes(labels: np.ndarray, values) -> dict[int, list[list[int]]]:
 
 
 def evaluate_case(pred_labels: np.ndarray, gt_labels: np.ndarray, spacing, labels: dict[int, str],
-                  tolerances: dict[int, float], slice_limited=FLARE22_SLICE_LIMITED) -> dict[int, tuple[float, float]]:
+                  tolerances: dict[int, float], slice_limited=FLARE22_SLICE_LIMITED,
+                  rule: str = "2022") -> dict[int, tuple[float, float]]:
     """(DSC, NSD) per label value of two label arrays whose axis 0 is the axial (slice) axis.
 
     FLARE22's rules: a label absent from both scores (1, 1), absent from the ground truth only (0, 0); for the
     values in ``slice_limited`` both arrays are cut to the ground truth's axial extent first, exactly as the
     reference does it: slices ``first`` to ``last - 1`` (its upper bound is exclusive), the single slice when
-    ``first == last`` (where the reference fails on an empty array).
+    ``first == last`` (where the reference fails on an empty array). ``rule`` "2024" also scores NSD 0 where
+    DSC < 0.2 (see ``RULES``).
     """
+    if rule not in RULES:
+        raise ValueError(f"rule {rule!r}: expected one of {', '.join(RULES)}")
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
     if 0 in labels:
         raise ValueError("label value 0 is the background and cannot be scored")
@@ -230,5 +238,9 @@ def evaluate_case(pred_labels: np.ndarray, gt_labels: np.ndarray, spacing, label
             box[0] = [max(box[0][0], first), min(box[0][1], max(last - 1, first))]
         window = tuple(slice(lo, hi + 1) for lo, hi in box)
         pred, gt = pred_labels[window] == value, gt_labels[window] == value
-        scores[value] = (dice(pred, gt), normalized_surface_dice(pred, gt, spacing, tolerances[value]))
+        dsc = dice(pred, gt)
+        if rule == "2024" and dsc < LOW_DSC:
+            scores[value] = (dsc, 0.0)
+        else:
+            scores[value] = (dsc, normalized_surface_dice(pred, gt, spacing, tolerances[value]))
     return scores

@@ -8,6 +8,7 @@ is reported without stopping the others.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,17 +18,19 @@ import SimpleITK as sitk
 import torch
 
 from seg.core import plugins
-from seg.core.checkpoint import load_checkpoint
 from seg.core.check import image_problems
-from seg.core.config import Experiment, load_experiment
-from seg.core.console import progress_bar
+from seg.core.config import Experiment
+from seg.core.console import info, progress_bar
 from seg.core.dataset import list_images
-from seg.core.errors import CheckpointError, ConfigError, DataError, SegError
+from seg.core.errors import ConfigError, DataError
 from seg.core.inference import class_argmax, infer_labels, resolve_device, resolve_precision
 from seg.core.io import atomic_path, case_name, image_suffix, read_image, write_image
-from seg.core.model import build_with_weights, check_same_backbone, describe_backbone
+from seg.core.lock import folder_lock
+from seg.core.model import build_with_weights
+from seg.core.modelfile import load_model
 from seg.core.preprocessing import Sample, build_pipeline, invert_labels, run_pipeline, to_array
-from seg.core.runs import CONFIG
+from seg.core.statistics import (STATISTICS_CSV, organ_statistics, read_case_statistics, write_case_statistics,
+                                 write_statistics_csv)
 
 
 @attrs.frozen
@@ -77,20 +80,11 @@ class Predictor:
 
 def load_predictor(run: Path, device: str = "auto", precision: str | None = None,
                    overlap: float | None = None) -> Predictor:
-    """Load a fine-tuning run folder (its ``config.toml`` and best, else latest, checkpoint)."""
-    run = Path(run)
-    if not (run / CONFIG).is_file():
-        raise SegError(f"--model {run}: not a run folder (no {CONFIG})")
-    exp = load_experiment(str(run / CONFIG))
-    path = run / "checkpoint_best.pt"
-    if not path.exists():
-        path = run / "checkpoint_latest.pt"
-    state = load_checkpoint(path, mmap=True)
-    if state.get("kind") != "finetune":
-        raise CheckpointError(f"{path}: a {state.get('kind')} checkpoint; prediction needs a fine-tuning run")
-    saved = state["backbone"]
-    check_same_backbone(path, saved, describe_backbone(exp.backbone, 1, saved["out_channels"]))
-    network = build_with_weights(exp.backbone, 1, saved["out_channels"], state["model"], path)
+    """Load a model: a fine-tuning run folder (its ``config.toml`` and best, else latest, checkpoint) or a model
+    file written by ``seg export`` (``seg.core.modelfile``); both give the same network and settings."""
+    model = load_model(Path(run))
+    exp, saved = model.experiment, model.backbone
+    network = build_with_weights(exp.backbone, 1, saved["out_channels"], model.weights, model.source)
     dev = resolve_device(device)
     network.to(dev).eval()
     if hasattr(network, "for_inference"):
@@ -104,14 +98,15 @@ def load_predictor(run: Path, device: str = "auto", precision: str | None = None
         inferer = plugins.get("inferers", exp.predict.inferer.name)(**options)
         posts = [plugins.get("inferers", c.name)(**c.options) for c in exp.predict.postprocess]
     except ConfigError as exc:
-        raise ConfigError(f"{run / CONFIG}: {exc}") from None
+        raise ConfigError(f"{model.config_source}: {exc}") from None
     prec = resolve_precision(precision or exp.predict.precision, dev)
-    return Predictor(exp, network, json.loads(state["labels"]), build_pipeline(
+    return Predictor(exp, network, model.labels, build_pipeline(
         [(c.name, dict(c.options)) for c in exp.preprocess]), inferer, posts, dev, prec)
 
 
 def predict_image(image: sitk.Image, run: Path, **options) -> sitk.Image:
-    """Segment an in-memory SimpleITK image with the run folder's model (the notebook API)."""
+    """Segment an in-memory SimpleITK image with the model of a run folder or ``seg export`` file (the notebook
+    API)."""
     return load_predictor(Path(run), **options).labels_for(image)
 
 
@@ -143,25 +138,45 @@ def _inputs(input_path: Path) -> tuple[list[Path], bool]:
     return [c.image for c in cases], False
 
 
-def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool = False,
-                  save_probabilities: bool = False, preview: bool = False, **options) -> dict:
-    """Segment a file, a DICOM series folder or a folder of images; returns counts done/skipped/failed.
+def predict_paths(input_path: Path, output: Path, run: Path, **options) -> dict:
+    """Segment a file, a DICOM series folder or a folder of images (``_predict_unlocked`` says how and what it
+    returns). A folder of label maps is locked for the run (``seg.core.lock``): a second ``seg predict`` into it
+    at once is refused with one line, never interleaved."""
+    output = Path(output)
+    _, single = _inputs(Path(input_path))
+    if single or (output.exists() and not output.is_dir()):
+        return _predict_unlocked(input_path, output, run, **options)
+    with folder_lock(output, "-o"):
+        return _predict_unlocked(input_path, output, run, **options)
 
-    The next image is read in a background thread while the model loads or segments the current one.
+
+def _predict_unlocked(input_path: Path, output: Path, run: Path, *, overwrite: bool = False,
+                      save_probabilities: bool = False, preview: bool = False, statistics: bool = False,
+                      **options) -> dict:
+    """Segment a file, a DICOM series folder or a folder of images.
+
+    Returns counts ``done`` / ``skipped`` and the ``failed`` cases' errors, each written case's ``seconds``
+    (from waiting for its image to its outputs written) and ``total_seconds`` (model loading included); each
+    case's time is printed as it finishes. The next image is read in a background thread while the model loads
+    or segments the current one. ``statistics`` writes ``CASE.json`` beside each label map (``seg.core.statistics``;
+    a skipped case gets one from its existing label map) and, for a folder, ``statistics.csv`` of every case.
     """
+    started = time.perf_counter()
     inputs, single = _inputs(Path(input_path))
     output = Path(output)
     if output.exists() and output.is_file() and not (single and image_suffix(output)):
         raise DataError(f"-o {output}: is a file; give a folder for the label maps")
     targets = [(path, output_path(path, output, single)) for path in inputs]
     todo = [(path, target) for path, target in targets if overwrite or not target.exists()]
-    summary = {"done": 0, "skipped": len(targets) - len(todo), "failed": []}
+    summary = {"done": 0, "skipped": len(targets) - len(todo), "failed": [], "seconds": [], "total_seconds": 0.0}
     with ThreadPoolExecutor(max_workers=1) as reader:
         reads = [reader.submit(_read_checked, path) for path, _ in todo[:1]]
         predictor = load_predictor(run, **options)  # a bad --model fails before any progress bar shows
+        organs = {v: name for name, v in predictor.labels.items() if v != 0} if statistics else None
         with progress_bar("predicting", len(inputs)) as advance:
             advance(summary["skipped"])
             for i, (path, target) in enumerate(todo):
+                case_started = time.perf_counter()
                 reads += [reader.submit(_read_checked, next_path) for next_path, _ in todo[i + 1:i + 2]]
                 try:
                     labels, scores, records = _segment(predictor, reads.pop(0).result(), save_probabilities)
@@ -169,22 +184,62 @@ def predict_paths(input_path: Path, output: Path, run: Path, *, overwrite: bool 
                     if single:
                         raise
                     summary["failed"].append(str(exc))
+                    info(f"{case_name(target)}: failed after {time.perf_counter() - case_started:.1f} s")
                 else:
-                    _write_outputs(path, target, labels, scores, records, preview)
+                    _write_outputs(path, target, labels, scores, records, preview, organs)
                     summary["done"] += 1
+                    summary["seconds"].append(time.perf_counter() - case_started)
+                    info(f"{case_name(target)}: {summary['seconds'][-1]:.1f} s")
                 advance(1)
+    if statistics:
+        _gather_statistics(targets, organs, None if single else output / STATISTICS_CSV)
+    summary["total_seconds"] = time.perf_counter() - started
     return summary
 
 
-def _write_outputs(path: Path, target: Path, labels: sitk.Image, scores, records: list, preview: bool) -> None:
-    """The label map at ``target``, and beside it the probabilities (when ``scores``) and the preview PNG."""
+def describe_summary(summary: dict) -> str:
+    """One line for a ``predict_paths`` summary: cases written, total and per-case time, skipped, failed."""
+    done, seconds = summary["done"], summary["seconds"]
+    per_case = f" ({sum(seconds) / len(seconds):.1f} s per case)" if seconds else ""
+    return (f"predicted {done} case(s) in {summary['total_seconds']:.1f} s{per_case}, skipped "
+            f"{summary['skipped']} (already done), failed {len(summary['failed'])}")
+
+
+def _beside(target: Path, suffix: str) -> Path:
+    """A file next to the label map ``target``, named like it with ``suffix`` instead of its image suffix."""
+    return target.with_name(case_name(target) + suffix)
+
+
+def _write_outputs(path: Path, target: Path, labels: sitk.Image, scores, records: list, preview: bool,
+                   organs: dict[int, str] | None = None) -> None:
+    """The label map at ``target``, and beside it the probabilities (when ``scores``), the preview PNG and the
+    organ statistics (when ``organs``: label value -> name), the latter two from the input read again."""
     write_image(sitk.Cast(labels, sitk.sitkUInt8), target)
     if scores is not None:
-        save_scores(scores, records, target.with_name(target.name.replace(".nii.gz", ".npz")))
+        save_scores(scores, records, _beside(target, ".npz"))
+    image = read_image(path) if preview or organs else None
     if preview:
         from seg.core.preview import write_preview
 
-        write_preview(read_image(path), labels, target.with_name(target.name.replace(".nii.gz", ".png")))
+        write_preview(image, labels, _beside(target, ".png"))
+    if organs:
+        write_case_statistics(organ_statistics(image, labels, organs), _beside(target, ".json"))
+
+
+def _gather_statistics(targets: list[tuple[Path, Path]], organs: dict[int, str], csv_path: Path | None) -> None:
+    """Every written case's ``CASE.json`` (made from its label map where a skipped case lacks one), and their
+    ``statistics.csv`` at ``csv_path`` (None: a single input, no CSV)."""
+    cases = {}
+    for path, target in targets:
+        json_path = _beside(target, ".json")
+        if not target.exists():
+            continue  # failed
+        if not json_path.exists():
+            stats = organ_statistics(read_image(path), read_image(target), organs)
+            write_case_statistics(stats, json_path)
+        cases[case_name(target)] = read_case_statistics(json_path)
+    if csv_path is not None:
+        write_statistics_csv(cases, csv_path)
 
 
 def _read_checked(path: Path) -> list[sitk.Image]:

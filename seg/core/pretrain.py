@@ -20,7 +20,9 @@ from seg.core.data import unlabeled_cases
 from seg.core.errors import ConfigError
 from seg.core.inference import resolve_device
 from seg.core.model import build_backbone, describe_backbone
+from seg.core.modelfile import training_record
 from seg.core.patches import sample_patch
+from seg.core.probe import Probe
 from seg.core.runs import open_run_dir
 from seg.core.train import build_optimizer, seed_everything, stage_loop
 
@@ -50,7 +52,7 @@ def pretrain(data: Path, out: Path, exp: Experiment | None, *, resume: bool = Fa
         optimizer = build_optimizer([p for p in task.parameters() if p.requires_grad], cfg.optimizer)
         meta = {"kind": "pretrain", "config": experiment_toml(exp), "ssl": cfg.ssl.name,
                 "backbone": describe_backbone(exp.backbone, 1, PRETRAIN_OUTPUTS),
-                "labels": json.dumps(dataset.labels)}
+                "labels": json.dumps(dataset.labels), **training_record(exp, dataset)}
         loop = stage_loop(cfg, cases=len(cases), run_dir=out, module=model, optimizer=optimizer, device=dev,
                           generator=generator, meta=meta, epochs=epochs)
         if resume:
@@ -64,6 +66,8 @@ def pretrain(data: Path, out: Path, exp: Experiment | None, *, resume: bool = Fa
                 patches.append(patch)
             return model(torch.from_numpy(np.stack(patches))[:, None].to(dev))
 
-        loop.run(compute_loss, after_step=task.after_optimizer_step, description=f"pretraining ({cfg.ssl.name})")
+        probe = Probe.for_stage(exp, Path(data), dev, task.backbone, loop.epochs, workers)  # probe_dice; None: off
+        loop.run(compute_loss, after_step=task.after_optimizer_step, on_epoch_end=probe,
+                 description=f"pretraining ({cfg.ssl.name})")
     distributed.barrier()
     return task

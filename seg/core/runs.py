@@ -15,8 +15,10 @@ from pathlib import Path
 
 from seg.core import distributed
 from seg.core.config import Experiment, experiment_toml, load_experiment
-from seg.core.errors import SegError
+from seg.core.checkpoint import load_checkpoint
+from seg.core.errors import CheckpointError, SegError
 from seg.core.io import write_text
+from seg.core.lock import folder_lock
 from seg.core.train import LATEST
 
 CONFIG = "config.toml"
@@ -44,6 +46,34 @@ def open_run_dir(out: Path, exp: Experiment | None, resume: bool) -> Experiment:
         except OSError as exc:
             raise SegError(f"--out {out}: cannot write there ({exc.strerror})") from None
     return exp
+
+
+@contextlib.contextmanager
+def claim_run_dir(out: Path, resume: bool, kind: str):
+    """Around a whole ``seg run`` of stage ``kind`` ("pretrain", "finetune") into ``out``: hold the folder's lock
+    (a second run into the same folder at once is refused with one line, see ``seg.core.lock``); refuse a
+    ``resume`` with nothing to resume, or of another stage's run, before anything is written; and if a new run
+    is refused, remove what it wrote (``discarded_if_refused``). Under torchrun only rank 0 (``RANK``) locks."""
+    out = Path(out)
+    if (out.exists() and not out.is_dir()) or os.environ.get("RANK", "0") != "0":
+        lock = contextlib.nullcontext()  # a file in the way is open_run_dir's one-line error
+    else:
+        lock = folder_lock(out, "--out")
+    with lock:
+        if resume:
+            check_resumable(out, kind)
+        with discarded_if_refused(out, resume):
+            yield
+
+
+def check_resumable(out: Path, kind: str) -> None:
+    """Refuse to resume ``out`` when it holds no readable latest checkpoint of stage ``kind``."""
+    path = Path(out) / LATEST
+    if not path.is_file():
+        raise SegError(f"--out {out}: nothing to resume (no {LATEST})")
+    found = load_checkpoint(path, mmap=True).get("kind")
+    if found != kind:
+        raise CheckpointError(f"{path}: a {found} checkpoint; cannot resume a {kind} run")
 
 
 @contextlib.contextmanager

@@ -1,9 +1,21 @@
-"""``seg study``: the paper's ablation as one command.
+"""``seg study``: the paper's ablation, and the label-budget study, as one command.
 
 For each experiment and seed: pretrain (where the experiment has a pretraining stage), fine-tune from it,
-predict the held-out test cases and evaluate them; then ``report.md`` with per-organ DSC/NSD tables (the
-layout of the paper's Tables 3 and 4), training curves and overlays as PNG, the exact commands and the
-resolved configurations. Every stage is resumable: rerunning the command finishes only what is missing.
+predict the held-out test cases and evaluate them; then ``report.md`` (``seg.core.report``). Every stage is
+resumable: rerunning the command finishes only what is missing and continues a partly trained run from its
+latest checkpoint (the stage's ``--resume``).
+
+Without ``labels`` every seed pretrains its own run and fine-tunes on every labeled case
+(``OUT/EXP/seedS/{pretrain,finetune,pred}``). With ``labels`` (label budgets, e.g. 1, 2, 4, 8):
+
+- each seed draws nested subsets of the labeled cases (:func:`label_subsets`: the 1-case set lies inside the
+  2-case set, ...), and every experiment is fine-tuned on each (``finetune.cases``; its train/validation split
+  is drawn from the subset as from all cases, so a run sees no label outside its budget);
+- every pretraining run is made once per experiment and pretraining seed (``pretrain_seeds``, default: the
+  first seed) into ``OUT/EXP/pretrain-seedP`` and shared by all budgets and fine-tuning seeds
+  (``OUT/EXP/pretrainP-seedS/labelsN``; without pretraining ``OUT/EXP/seedS/labelsN``);
+- the report compares each pretrained experiment with the one without pretraining, budget by budget, on
+  paired units (:func:`paired_differences`) with a bootstrap interval (:func:`bootstrap_interval`).
 """
 
 from __future__ import annotations
@@ -14,32 +26,42 @@ import sys
 from pathlib import Path
 
 import attrs
+import numpy as np
 
-from seg.core.config import load_experiment
+from seg.core.checkpoint import load_checkpoint
+from seg.core.config import Experiment, load_experiment
 from seg.core.console import info
-from seg.core.errors import DataError
-from seg.core.io import write_text
+from seg.core.dataset import open_dataset
+from seg.core.errors import DataError, SegError
 from seg.core.evaluate import evaluate_folders
 from seg.core.finetune import finetune
+from seg.core.io import write_text
 from seg.core.predict import predict_paths
 from seg.core.pretrain import pretrain
-from seg.core.checkpoint import load_checkpoint
 from seg.core.train import LATEST
+
+#: the numpy seed-sequence stream of the label subsets (kept apart from every other draw made with a seed)
+SUBSET_STREAM = 14
+RESAMPLES = 10_000
 
 
 @attrs.frozen
 class StudyRun:
-    """One experiment at one seed: where its runs live and what it scored."""
+    """One fine-tuning run of the study: where it lives, what it was trained on and what it scored."""
 
     experiment: str
     seed: int
     folder: Path
     scores: dict  # organ name -> {"dsc": mean, "nsd": mean} over test cases
     pretrain: str | None = None  # the SSL task's name; None: no pretraining (the study's baseline)
+    labels: int | None = None  # the label budget; None: every labeled case
+    pretrain_seed: int | None = None  # the seed of the pretraining run it started from
+    cases: tuple[str, ...] = ()  # the labeled cases of its budget (empty: all)
+    init: Path | None = None  # the pretraining run it started from
 
 
 def _finished(run: Path, epochs: int) -> bool:
-    return (run / LATEST).exists() and load_checkpoint(run / LATEST)["epoch"] >= epochs
+    return (run / LATEST).exists() and load_checkpoint(run / LATEST, mmap=True)["epoch"] >= epochs
 
 
 def _stage(function, run: Path, exp, epochs: int, **kwargs) -> None:
@@ -62,35 +84,110 @@ def held_out_cases(data: Path, test: Path | None) -> tuple[Path, Path]:
     return images, labels
 
 
-def run_one(name: str, seed: int, data: Path, out: Path, test: Path | None, overrides=(), device: str = "auto",
-            workers: int = 1) -> StudyRun:
-    """Pretrain (if any), fine-tune, predict and evaluate one experiment at one seed (test cases as in
-    :func:`held_out_cases`)."""
-    images, labels = held_out_cases(data, test)
-    exp = load_experiment(name, (f"seed={seed}", *overrides))
-    folder = Path(out) / exp.name / f"seed{seed}"
-    common = {"data": data, "device": device, "workers": workers}
-    init = None
-    ssl = exp.pretrain.ssl.name if exp.pretrain is not None and exp.pretrain.epochs > 0 else None
-    if ssl is not None:
-        info(f"[bold]{name} seed {seed}: pretraining ({ssl})")
-        init = folder / "pretrain"
-        _stage(pretrain, init, exp, exp.pretrain.epochs, **common)
-    info(f"[bold]{name} seed {seed}: fine-tuning")
-    _stage(finetune, folder / "finetune", exp, exp.finetune.epochs, init=init, **common)
-    predict_paths(images, folder / "pred", folder / "finetune", preview=True, device=device)
-    report = evaluate_folders(folder / "pred", labels)
+def experiment_overrides(name: str, overrides=()) -> tuple[str, ...]:
+    """The ``--set`` overrides that apply to experiment ``name``: all of them, except that ``pretrain.*`` keys
+    are left out for an experiment without pretraining (``pretrain = false``)."""
+    own = tuple(o for o in overrides if not o.strip().startswith("pretrain."))
+    if len(own) == len(overrides) or load_experiment(name, own).pretrain is not None:
+        return tuple(overrides)
+    return own
+
+
+def resolve_experiments(names: list[str], overrides=()) -> list[Experiment]:
+    """Every experiment of the study with its overrides (fails early on a bad name or override)."""
+    return [load_experiment(name, experiment_overrides(name, overrides)) for name in names]
+
+
+def label_subsets(names: list[str], budgets, seed: int) -> dict[int, list[str]]:
+    """Nested subsets of the labeled case ``names``, one per budget: the first n of one permutation of the sorted
+    names drawn with ``numpy.random.default_rng([SUBSET_STREAM, seed])``, each returned sorted."""
+    order = sorted(names)
+    np.random.default_rng([SUBSET_STREAM, seed]).shuffle(order)
+    return {n: sorted(order[:n]) for n in sorted(set(budgets))}
+
+
+def check_budgets(data: Path, exp: Experiment, budgets) -> list[str]:
+    """The labeled case names of ``data``, after checking that every budget is a count it can fill."""
+    names = [c.name for c in open_dataset(data, unlabeled_dir=exp.unlabeled_dir).training]
+    for n in budgets:
+        if n < 1 or n > len(names):
+            raise SegError(f"--labels {n}: expected a number of labeled cases from 1 to {len(names)} "
+                           f"(the labeled cases of {data})")
+    return names
+
+
+def _ssl(exp: Experiment) -> str | None:
+    return exp.pretrain.ssl.name if exp.pretrain is not None and exp.pretrain.epochs > 0 else None
+
+
+def _pretrained(exp: Experiment, folder: Path, data: Path, device: str, workers: int) -> Path:
+    info(f"[bold]{exp.name} seed {exp.seed}: pretraining ({_ssl(exp)})")
+    _stage(pretrain, folder, exp, exp.pretrain.epochs, data=data, device=device, workers=workers)
+    return folder
+
+
+def _finetuned(exp: Experiment, folder: Path, init: Path | None, test: tuple[Path, Path], data: Path, device: str,
+               workers: int, **fields) -> StudyRun:
+    """Fine-tune into ``folder/finetune``, predict and evaluate the test cases; the run's record."""
+    budget = f", {len(exp.finetune.cases)} labeled case(s)" if exp.finetune.cases else ""
+    info(f"[bold]{exp.name} seed {exp.seed}{budget}: fine-tuning")
+    _stage(finetune, folder / "finetune", exp, exp.finetune.epochs, init=init, data=data, device=device,
+           workers=workers)
+    predict_paths(test[0], folder / "pred", folder / "finetune", preview=True, device=device)
+    report = evaluate_folders(folder / "pred", test[1])
     report.write_csv(folder / "metrics.csv")
     report.write_json(folder / "metrics.json")
-    return StudyRun(exp.name, seed, folder, report.mean_per_organ(), ssl)
+    return StudyRun(exp.name, exp.seed, folder, report.mean_per_organ(), _ssl(exp), cases=tuple(exp.finetune.cases),
+                    init=init, **fields)
+
+
+def run_one(name: str, seed: int, data: Path, out: Path, test: Path | None, overrides=(), device: str = "auto",
+            workers: int = 1) -> StudyRun:
+    """Pretrain (if any), fine-tune on every labeled case, predict and evaluate one experiment at one seed (test
+    cases as in :func:`held_out_cases`)."""
+    exp = load_experiment(name, (f"seed={seed}", *experiment_overrides(name, overrides)))
+    folder = Path(out) / exp.name / f"seed{seed}"
+    init = _pretrained(exp, folder / "pretrain", data, device, workers) if _ssl(exp) else None
+    return _finetuned(exp, folder, init, held_out_cases(data, test), data, device, workers,
+                      pretrain_seed=seed if init else None)
+
+
+def run_budgets(name: str, seeds, budgets, pretrain_seeds, data: Path, out: Path, test: Path | None, overrides=(),
+                device: str = "auto", workers: int = 1) -> list[StudyRun]:
+    """Experiment ``name`` at every fine-tuning seed, pretraining seed (when it pretrains) and label budget,
+    each pretraining run made once and shared (module doc)."""
+    own = experiment_overrides(name, overrides)
+    held_out = held_out_cases(data, test)
+    base = load_experiment(name, own)
+    names = check_budgets(data, base, budgets)
+    runs = []
+    for pseed in (pretrain_seeds if _ssl(base) else (None,)):
+        init = None
+        if pseed is not None:
+            init = _pretrained(load_experiment(name, (f"seed={pseed}", *own)), Path(out) / name / f"pretrain-seed{pseed}",
+                               data, device, workers)
+        for seed in seeds:
+            for n, cases in label_subsets(names, budgets, seed).items():
+                exp = load_experiment(name, (f"seed={seed}", *own, f"finetune.cases={json.dumps(cases)}"))
+                run = f"pretrain{pseed}-seed{seed}" if pseed is not None else f"seed{seed}"
+                runs.append(_finetuned(exp, Path(out) / name / run / f"labels{n}", init, held_out, data, device,
+                                       workers, labels=n, pretrain_seed=pseed))
+    return runs
 
 
 def run_study(experiments: list[str], data: Path, out: Path, *, seeds=(0,), test: Path | None = None,
-              overrides=(), device: str = "auto", workers: int = 1) -> Path:
-    """Run every experiment at every seed, then write ``OUT/report.md``; returns its path."""
-    out = Path(out)
-    runs = [run_one(name, seed, Path(data), out, test, overrides, device, workers)
-            for name in experiments for seed in seeds]
+              overrides=(), device: str = "auto", workers: int = 1, labels=None, pretrain_seeds=None) -> Path:
+    """Run every experiment at every seed (and, with ``labels``, every label budget: module doc), then write
+    ``OUT/report.md``; returns its path."""
+    out, data = Path(out), Path(data)
+    held_out_cases(data, test)
+    if labels:
+        pretrain_seeds = tuple(pretrain_seeds or seeds[:1])
+        runs = [r for name in experiments
+                for r in run_budgets(name, seeds, labels, pretrain_seeds, data, out, test, overrides, device, workers)]
+    else:
+        runs = [run_one(name, seed, data, out, test, overrides, device, workers)
+                for name in experiments for seed in seeds]
     write_text(json.dumps([attrs.asdict(r, value_serializer=_plain) for r in runs], indent=1), out / "runs.json")
     from seg.core.report import write_report
 
@@ -100,3 +197,53 @@ def run_study(experiments: list[str], data: Path, out: Path, *, seeds=(0,), test
 
 def _plain(inst, field, value):
     return str(value) if isinstance(value, Path) else value
+
+
+# ---- paired comparisons -----------------------------------------------------------------------------------
+
+
+def bootstrap_interval(values, *, level: float = 0.95, resamples: int = RESAMPLES, seed: int = 0):
+    """(mean, low, high): the mean of ``values`` and its percentile bootstrap interval. The resamples are
+    ``values[rng.integers(0, n, size=(resamples, n))]`` with ``rng = numpy.random.default_rng(seed)``; the bounds
+    are ``numpy.quantile`` (linear) of the resample means at ``(1 - level) / 2`` and ``(1 + level) / 2``."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("bootstrap_interval: no values")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(low), float(high)
+
+
+def verdict(low: float, high: float) -> str:
+    """"helps" when the whole interval is above 0, "hurts" when it is below, else "no difference resolved"."""
+    return "helps" if low > 0 else "hurts" if high < 0 else "no difference resolved"
+
+
+def case_values(rows, organs=None, metric: str = "dsc") -> dict[tuple, float]:
+    """Per run and test case, the score of ``organs`` (their mean; None: every organ, the case's mean score).
+
+    ``rows``: dicts with experiment, pretrain_seed, seed, labels, case, organ and the metric (``scores.csv``).
+    Keys: (experiment, pretrain_seed, seed, labels, case)."""
+    wanted = None if organs is None else set(organs)
+    sums: dict[tuple, list[float]] = {}
+    for row in rows:
+        if wanted is None or row["organ"] in wanted:
+            key = tuple(str(row[k]) for k in ("experiment", "pretrain_seed", "seed", "labels", "case"))
+            sums.setdefault(key, []).append(float(row[metric]))
+    return {key: float(np.mean(v)) for key, v in sums.items()}
+
+
+def paired_differences(rows, experiment: str, baseline: str, labels, organs=None, metric: str = "dsc"):
+    """``experiment`` minus ``baseline`` on paired units: the same fine-tuning seed, label budget (hence subset)
+    and test case; one unit per (pretraining seed, seed, case) of ``experiment``. Returns the differences, in
+    unit order."""
+    values = case_values(rows, organs, metric)
+    base = {(s, n, c): v for (e, _, s, n, c), v in values.items() if e == baseline}
+    diffs = []
+    for (e, p, s, n, c), v in sorted(values.items()):
+        if e == experiment and n == str(labels):
+            if (s, n, c) not in base:
+                raise SegError(f"no {baseline} run scored case {c} at seed {s} with {n} labeled cases to pair with")
+            diffs.append(v - base[(s, n, c)])
+    return np.asarray(diffs)

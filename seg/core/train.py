@@ -26,7 +26,7 @@ from seg.core.checkpoint import load_checkpoint, save_checkpoint
 from seg.core.config import Optimizer
 from seg.core.console import info, progress_bar
 from seg.core.errors import CheckpointError, SegError
-from seg.core.io import write_text
+from seg.core.io import OutputError, write_text
 from seg.core.loader import Prefetcher
 from seg.core.schedules import build_scheduler
 
@@ -70,7 +70,8 @@ def build_optimizer(parameters, cfg: Optimizer) -> torch.optim.Optimizer:
         return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
 
 
 def stage_loop(cfg, *, cases: int, run_dir: Path, module: torch.nn.Module, optimizer, device: torch.device,
@@ -134,7 +135,12 @@ class TrainingLoop:
         """Write a checkpoint atomically: every rank takes part (RNG states are gathered), rank 0 writes."""
         state = self.state()
         if distributed.is_main():
-            save_checkpoint(state, self.run_dir / name)
+            try:
+                save_checkpoint(state, self.run_dir / name)
+            except RuntimeError as exc:  # torch.save reports a full disk so; the OSError is its context
+                if not isinstance(exc.__context__, OSError):
+                    raise
+                raise OutputError(f"{self.run_dir / name}: cannot write ({exc.__context__.strerror})") from None
 
     def resume(self, path: Path | None = None) -> None:
         """Continue from ``path`` (default: this run's latest checkpoint) exactly where it stopped."""
@@ -149,7 +155,8 @@ class TrainingLoop:
             raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without AMP (a CPU run resumed on CUDA starts a fresh scale)
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
         rngs = state["rng"]

@@ -23,10 +23,19 @@ by at most half a window are merged into runs; the run with the most foreground 
 overlap; every other slice is background. No foreground at all falls back to the full run. Failure modes:
 an organ part farther than the margin from what the coarse pass found is lost (a network that misses organ
 tips at the coarse scale); a coarse false-positive run with more voxels than the true abdomen wins.
+
+``mirror`` (both inferers; beyond the paper, off by default): test-time mirroring as in nnU-Net v1. Every
+network evaluation (each window, the coarse pass too) becomes the mean of the softmax probabilities of the
+input and of its flips along every non-empty combination of the given axes (2^n passes for n axes), each
+flipped back. Axes are named for the preprocessed array (z, y, x): after ``reorient`` (LPS), "x" is the
+patient's right-left axis, "y" anterior-posterior, "z" inferior-superior. A network that tells left from right
+organs by their side (kidneys, adrenal glands) may swap them in the flipped pass; ``benchmarks/bench_mirroring.py``
+measures what mirroring costs and changes.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import attrs
@@ -77,6 +86,22 @@ def roi_from_counts(counts: np.ndarray, window: int, margin: int) -> tuple[int, 
     return z0, z1
 
 
+#: The dims of a preprocessed batch (B, C, z, y, x) that ``mirror`` axes name.
+MIRROR_AXES = {"z": 2, "y": 3, "x": 4}
+
+
+def mirror_flips(mirror) -> list[tuple[int, ...]]:
+    """The flip dims of every non-empty combination of the ``mirror`` axes (the identity pass is not listed)."""
+    dims = [MIRROR_AXES[axis] for axis in mirror]
+    return [combo for n in range(1, len(dims) + 1) for combo in itertools.combinations(dims, n)]
+
+
+def _check_mirror(mirror, name: str) -> None:
+    valid = isinstance(mirror, (list, tuple)) and all(isinstance(a, str) and a in MIRROR_AXES for a in mirror)
+    _check(valid and len(set(mirror)) == len(mirror), name,
+           f"mirror={mirror!r} must be a list of distinct axes among 'x', 'y', 'z' (e.g. mirror = [\"x\"])")
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -90,15 +115,28 @@ def _pad_end(image: torch.Tensor, size: tuple[int, int, int], value: float) -> t
 
 
 def _logits(network: torch.nn.Module, batch: torch.Tensor, device: torch.device, precision: str,
-            name: str) -> torch.Tensor:
-    """The network's output for a CPU batch, on ``device``, checked to keep the input's spatial shape."""
+            name: str, flips: list[tuple[int, ...]] = ()) -> torch.Tensor:
+    """The network's output for a CPU batch, on ``device``, checked to keep the input's spatial shape.
+
+    With ``flips`` (``mirror_flips``): the log of the mean softmax over the batch and its flips, each output
+    flipped back, in float32; its softmax is that mean and its argmax the mean's argmax.
+    """
     x = batch.to(device, non_blocking=True)
     with autocast_context(device, precision):
         logits = network(x)
     if logits.dim() != 5 or logits.shape[0] != x.shape[0] or logits.shape[2:] != x.shape[2:]:
         raise ConfigError(f"inferer {name}: the network maps input {tuple(x.shape)} to {tuple(logits.shape)}; "
                           f"set the option divisor to what its downsampling needs")
-    return logits
+    if not flips:
+        return logits
+    total = torch.softmax(logits, 1, torch.float32)
+    del logits
+    for dims in flips:
+        with autocast_context(device, precision):
+            flipped = network(torch.flip(x, dims))
+        total += torch.softmax(flipped, 1, torch.float32).flip(dims)
+        del flipped
+    return total.div_(len(flips) + 1).log_()
 
 
 class _ZBlend:
@@ -173,6 +211,7 @@ class ZSlidingWindow:
     roi: str | None = None
     roi_downsample: int = 2
     roi_margin: int | None = None
+    mirror: list[str] | tuple[str, ...] = ()
 
     def __attrs_post_init__(self):
         name = "z_sliding_window"
@@ -190,6 +229,7 @@ class ZSlidingWindow:
                f"roi_downsample={self.roi_downsample!r} must be >= 1")
         _check(self.roi_margin is None or (isinstance(self.roi_margin, int) and self.roi_margin >= 0), name,
                f"roi_margin={self.roi_margin!r} must be >= 0")
+        _check_mirror(self.mirror, name)
 
     def __call__(self, network: torch.nn.Module, image: torch.Tensor, *, device: torch.device,
                  precision: str) -> torch.Tensor:
@@ -224,17 +264,19 @@ class ZSlidingWindow:
         size = (max(depth, window), _round_up(height, self.divisor), _round_up(width, self.divisor))
         padded = _pad_end(image, size, pad_value)
         if labels and len(starts) == 1:  # nothing to blend: the argmax of the logits is that of the probabilities
-            logits = _logits(network, padded[:, :, :window], device, precision, "z_sliding_window")
+            logits = _logits(network, padded[:, :, :window], device, precision, "z_sliding_window",
+                             mirror_flips(self.mirror))
             found = class_argmax(logits[0, :, :depth, :height, :width]).cpu()
             return found if out is None else out.copy_(found)
         blend = _ZBlend(starts, window, (depth, height, width), device, scores_dtype(precision), out, labels)
         for i in range(0, len(starts), self.batch):
             group = starts[i:i + self.batch]
             batch = torch.cat([padded[:, :, s:s + window] for s in group])
-            probs = torch.softmax(_logits(network, batch, device, precision, "z_sliding_window"), 1, torch.float32)
+            logits = _logits(network, batch, device, precision, "z_sliding_window", mirror_flips(self.mirror))
+            probs = torch.softmax(logits, 1, torch.float32)
             for start, window_probs in zip(group, probs):
                 blend.add(start, window_probs)
-            del batch, probs, window_probs  # not alive during the next forward pass: a flat memory peak
+            del batch, logits, probs, window_probs  # not alive during the next forward pass: a flat memory peak
         return blend.finish()
 
     def _coarse_range(self, network, image, device, precision, pad_value):
@@ -251,7 +293,7 @@ class ZSlidingWindow:
         for i in range(0, len(starts), self.batch):
             group = starts[i:i + self.batch]
             batch = torch.cat([small[:, :, s:s + self.window] for s in group])
-            logits = _logits(network, batch, device, precision, "z_sliding_window")
+            logits = _logits(network, batch, device, precision, "z_sliding_window", mirror_flips(self.mirror))
             found = (logits[:, :, :, :rows, :cols].argmax(1) > 0).sum((-2, -1)).cpu()
             for start, per_slice in zip(group, found):
                 counts[start:start + self.window] = torch.maximum(counts[start:start + self.window], per_slice)
@@ -261,13 +303,16 @@ class ZSlidingWindow:
 
 @attrs.frozen
 class WholeVolume:
-    """One forward pass over the whole volume, padded to a multiple of ``divisor`` and cropped back."""
+    """One forward pass over the whole volume (with ``mirror``, one per flip), padded to a multiple of
+    ``divisor`` and cropped back."""
 
     divisor: int = 16
+    mirror: list[str] | tuple[str, ...] = ()
 
     def __attrs_post_init__(self):
         _check(isinstance(self.divisor, int) and self.divisor >= 1, "whole_volume",
                f"divisor={self.divisor!r} must be >= 1")
+        _check_mirror(self.mirror, "whole_volume")
 
     def __call__(self, network: torch.nn.Module, image: torch.Tensor, *, device: torch.device,
                  precision: str) -> torch.Tensor:
@@ -277,7 +322,8 @@ class WholeVolume:
         size = tuple(_round_up(n, self.divisor) for n in (depth, height, width))
         with torch.inference_mode():
             padded = _pad_end(image, size, float(image.min()))
-            logits = _logits(network, padded, device, precision, "whole_volume")[0, :, :depth, :height, :width]
+            logits = _logits(network, padded, device, precision, "whole_volume",
+                             mirror_flips(self.mirror))[0, :, :depth, :height, :width]
             return torch.softmax(logits, 0, torch.float32).to(scores_dtype(precision)).cpu()
 
 

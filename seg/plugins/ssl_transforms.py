@@ -8,6 +8,10 @@ Each follows the official PCRL 3D code (Luchixiang/PCRL, ``preprocess/luna_pre.p
 - ``gaussian_blur``: separable Gaussian with a per-sample sigma per axis (torchio ``RandomBlur``: U(0, 2));
 - ``inpaint`` / ``outpaint``: Models Genesis boxes filled with uniform noise (official block sizes and counts);
   the noise spans the sample's own intensity range, since our patches are z-scored rather than in [0, 1];
+- ``random_view_affine``: the official loader's view augmentation (torchio ``RandomFlip()`` then
+  ``RandomAffine()`` with their defaults), each view on its own draw: a left-right flip with probability 0.5,
+  then a rotation of U(-10, 10) degrees about each axis and a zoom of U(0.9, 1.1) along each axis, about the
+  centre, linear, padded with the view's minimum (torchio's ``default_pad_value``); in voxel units;
 - ``flip_rotate``: flips along each axis and a rot90 in the axial (H, W) plane, described by the official
   7-vector (3 flip bits, one-hot of the number of quarter turns) that conditions the PCRL decoder;
 - ``batch_mixup``: convex combination of a batch with a permutation of itself (lambda ~ Beta, folded to >= 0.5).
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from seg.core.augment import gaussian_blur, gaussian_kernels  # noqa: F401 (part of this module's API)
+from seg.core.augment import rotation_matrix, sampling_grid
 from seg.core.errors import ConfigError, DataError
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, size) per axis D, H, W
@@ -172,6 +177,34 @@ def corrupt_pair(first: torch.Tensor, second: torch.Tensor, *, blur_rate: float,
     return views[0], views[1]
 
 
+def view_affine(x: torch.Tensor, flip: bool, angles, zooms) -> torch.Tensor:
+    """One view ``x`` (C, D, H, W) flipped along W (left-right) if ``flip``, then resampled so that the output
+    shows it turned by ``angles`` (radians about D, H, W, as ``seg.core.augment.rotation_matrix``) and zoomed by
+    ``zooms`` (per axis; > 1 enlarges) about its centre: linear interpolation, padded with its minimum."""
+    out = x.flip(-1) if flip else x
+    if not any(angles) and all(z == 1 for z in zooms):
+        return out
+    matrix = rotation_matrix(angles) @ torch.diag(1.0 / torch.tensor(zooms, dtype=torch.float64))
+    grid = sampling_grid(tuple(x.shape[1:]), matrix).to(device=x.device, dtype=x.dtype)
+    pad = out.amin()
+    moved = F.grid_sample((out - pad)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return moved[0] + pad
+
+
+def random_view_affine(x: torch.Tensor, flip_rate: float = 0.5, rotation: float = 10.0, scale=(0.9, 1.1),
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Every sample of ``x`` (B, C, D, H, W) through ``view_affine`` with its own draw: a flip with probability
+    ``flip_rate``, an angle from U(-``rotation``, ``rotation``) degrees about each axis, a zoom from U(``scale``)
+    along each axis (the official loader's torchio ``RandomFlip()`` + ``RandomAffine()``)."""
+    out = []
+    for sample in x:
+        flip = uniform(generator) < flip_rate
+        angles = [math.radians(rotation * (2 * uniform(generator) - 1)) for _ in range(3)]
+        zooms = [scale[0] + (scale[1] - scale[0]) * uniform(generator) for _ in range(3)]
+        out.append(view_affine(sample, flip, angles, zooms))
+    return torch.stack(out)
+
+
 def flip_rotate(x: torch.Tensor, flips, quarter_turns: int) -> torch.Tensor:
     """``x`` (..., D, H, W) flipped along the axes whose entry of ``flips`` (3 bools, D, H, W) is set, then
     rotated by ``quarter_turns`` * 90 degrees in the (H, W) plane, from H towards W."""
@@ -251,10 +284,15 @@ class Augmentation:
     blur_sigma: tuple[float, float] = (0.0, 2.0)
     paint_rate: float = 0.9
     inpaint_rate: float = 0.2  # official config: outpaint_rate 0.8, inpaint_rate = 1 - outpaint_rate
+    view_flip_rate: float = 0.5  # torchio RandomFlip(): axis 0 of the official (x, y, z) arrays, W here
+    view_rotation: float = 10.0  # torchio RandomAffine(): degrees=10, scales=0.1
+    view_scale: tuple[float, float] = (0.9, 1.1)
 
     @classmethod
     def checked(cls, task: str, **options) -> Augmentation:
-        """Settings from factory options (TOML lists allowed), or ``ConfigError`` naming the bad option."""
+        """Settings from factory options (TOML lists allowed; absent ones keep their defaults), or
+        ``ConfigError`` naming the bad option."""
+        options = {f.name: options.get(f.name, f.default) for f in attrs.fields(cls)}
         size = options["crop_size"]
         if not isinstance(size, (list, tuple)) or len(size) != 3 or not all(
                 isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
@@ -263,18 +301,28 @@ class Augmentation:
         if not isinstance(scales, (list, tuple)) or not scales or not all(
                 isinstance(s, (list, tuple)) and len(s) == 3 and all(_number(v) and v > 0 for v in s) for s in scales):
             raise _option_error(task, "crop_scales", "a list of positive (D, H, W) scale triples", scales)
-        sigma = options["blur_sigma"]
-        if not isinstance(sigma, (list, tuple)) or len(sigma) != 2 or not all(_number(v) for v in sigma) \
-                or not 0 <= sigma[0] <= sigma[1]:
-            raise _option_error(task, "blur_sigma", "a range [low, high] with 0 <= low <= high", sigma)
-        for name in ("min_crop_iou", "flip_rate", "blur_rate", "paint_rate", "inpaint_rate"):
+        for name, low_bound in (("blur_sigma", 0.0), ("view_scale", 1e-3)):
+            pair = options[name]
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_number(v) for v in pair) \
+                    or not low_bound <= pair[0] <= pair[1]:
+                raise _option_error(task, name, f"a range [low, high] with {low_bound:g} <= low <= high", pair)
+        for name in ("min_crop_iou", "flip_rate", "blur_rate", "paint_rate", "inpaint_rate", "view_flip_rate"):
             value = options[name]
             if not _number(value) or not 0 <= value <= 1:
                 raise _option_error(task, name, "a number in [0, 1]", value)
+        if not _number(options["view_rotation"]) or not 0 <= options["view_rotation"] <= 180:
+            raise _option_error(task, "view_rotation", "a number of degrees in [0, 180]", options["view_rotation"])
+        floats = {name: float(options[name]) for name in ("min_crop_iou", "flip_rate", "blur_rate", "paint_rate",
+                                                          "inpaint_rate", "view_flip_rate", "view_rotation")}
         return cls(crop_size=tuple(size), crop_scales=tuple(tuple(float(v) for v in s) for s in scales),
-                   min_crop_iou=float(options["min_crop_iou"]), flip_rate=float(options["flip_rate"]),
-                   blur_rate=float(options["blur_rate"]), blur_sigma=(float(sigma[0]), float(sigma[1])),
-                   paint_rate=float(options["paint_rate"]), inpaint_rate=float(options["inpaint_rate"]))
+                   blur_sigma=tuple(float(v) for v in options["blur_sigma"]),
+                   view_scale=tuple(float(v) for v in options["view_scale"]), **floats)
+
+    def augment_views(self, first: torch.Tensor, second: torch.Tensor, generator: torch.Generator | None = None):
+        """The official loader's flip and random affine, each view and each sample on its own draw
+        (``random_view_affine``)."""
+        return tuple(random_view_affine(v, self.view_flip_rate, self.view_rotation, self.view_scale, generator)
+                     for v in (first, second))
 
     def views(self, batch: torch.Tensor, generator: torch.Generator | None = None):
         """Two overlapping crops of every patch (``paired_views``)."""

@@ -1,10 +1,11 @@
 """Bad input gets one clear line, a documented exit code, no traceback and nothing half-written.
 
-Exit codes: 2 for a bad command line, option, name, configuration, input file or checkpoint; 1 for a check that
-found problems (`seg data check`) and for `seg predict` on a folder where some cases failed (the rest are written).
+Exit codes, pinned per case: 2 for a bad command line, option, name, configuration, input file or checkpoint; 1 for
+a check that found problems (`seg data check`, and `data prepare` / `run` on a dataset that fails its checks) and
+for `seg predict` on a folder where some cases failed (the rest are written).
 
-Cases tried (54; ``test_bad_input_more.py`` tries 46 more, 100 in all). A case is one bad input through one
-command; a refused training run leaves no run folder behind.
+Cases tried (54; ``test_bad_input_more.py`` tries 46 more and ``test_bad_input_runs.py`` 19: 119 in all). A case is
+one bad input through one command; a refused run leaves nothing behind (no run folder, no cache, no output).
  data check (13): missing path, empty folder, truncated .nii.gz, text file as image, 2D image, 4D image, MR scan
    as CT, constant intensities, NaN intensities, label geometry differs from image, label values not in
    dataset.json, absurd spacing (0.0001 mm and 1e6 mm);
@@ -35,7 +36,8 @@ import SimpleITK as sitk
 import torch
 
 from tests.conftest import REAL_CT
-from tests.reliability.conftest import assert_one_line_error, ct_volume, gigantic_nifti, seg_cli, truncate, write
+from tests.reliability.conftest import (assert_one_line_error, ct_volume, gigantic_nifti, listing, seg_cli, snapshot,
+                                        truncate, write)
 
 
 def only(folder: Path, pattern: str) -> list[Path]:
@@ -88,22 +90,28 @@ def test_data_check_reports_the_file_and_exits_1(dataset_copy, how, request):
     if how == "mr":
         request.getfixturevalue("real_ct")
     name = _break(dataset_copy, how)
+    before = snapshot(dataset_copy)
     result = seg_cli("data", "check", dataset_copy)
     assert result.returncode == 1, result.stderr
     assert name in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+    assert snapshot(dataset_copy) == before  # a check writes nothing
 
 
 def test_data_check_missing_and_empty(tmp_path):
-    assert_one_line_error(seg_cli("data", "check", tmp_path / "nope"), "nope")
+    assert_one_line_error(seg_cli("data", "check", tmp_path / "nope"), f"{tmp_path / 'nope'}: no such", code=2)
     (tmp_path / "empty").mkdir()
-    result = seg_cli("data", "check", tmp_path / "empty")
-    assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+    result = seg_cli("data", "check", tmp_path / "empty")  # the check runs and finds the folder is no dataset
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'empty'}: 2 problem(s)" in result.stderr and "no dataset.json" in result.stderr
+    assert listing(tmp_path) == ["empty"]
 
 
 def test_synth_into_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
-    assert_one_line_error(seg_cli("data", "synth", tmp_path / "f", "--labeled", "1", "--unlabeled", "0"), "f")
+    assert_one_line_error(seg_cli("data", "synth", tmp_path / "f", "--labeled", "1", "--unlabeled", "0"),
+                          f"{tmp_path / 'f'}: exists", code=2)
+    assert listing(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "x"
 
 
 # ---------------------------------------------------------------- training
@@ -116,7 +124,7 @@ def test_synth_into_a_file(tmp_path):
 ])
 def test_finetune_bad_names_and_keys(synth_data, tmp_path, args, fragment):
     result = seg_cli("run", "finetune", "--data", synth_data, "--out", tmp_path / "r", *args)
-    assert_one_line_error(result, fragment, codes=(2,))
+    assert_one_line_error(result, fragment, code=2)
     assert not (tmp_path / "r").exists()
 
 
@@ -124,15 +132,19 @@ def test_finetune_malformed_toml(synth_data, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[finetune\nepochs = 1\n")
     assert_one_line_error(seg_cli("run", "finetune", "--data", synth_data, "--out", tmp_path / "r", "-e", bad),
-                          "bad.toml", "invalid TOML", codes=(2,))
+                          str(bad), "invalid TOML", code=2)
+    assert listing(tmp_path) == ["bad.toml"]
 
 
 def test_finetune_missing_empty_unlabeled_only_and_broken_datasets(dataset_copy, tmp_path):
     out = tmp_path / "r"
     assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", tmp_path / "nope", "--out", out),
-                          "nope")
+                          f"{tmp_path / 'nope'}: no such dataset folder", code=2)
+    assert not out.exists()
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", tmp_path / "empty", "--out", out))
+    assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", tmp_path / "empty", "--out", out),
+                          str(tmp_path / "empty" / "dataset.json"), "no dataset.json", code=1)  # fails its checks
+    assert not out.exists() and listing(tmp_path / "empty") == []
     only_unlabeled = Path(shutil.copytree(dataset_copy, tmp_path / "u"))
     for folder in ("imagesTr", "labelsTr"):
         for f in (only_unlabeled / folder).iterdir():
@@ -141,36 +153,41 @@ def test_finetune_missing_empty_unlabeled_only_and_broken_datasets(dataset_copy,
     meta["numTraining"] = 0
     (only_unlabeled / "dataset.json").write_text(json.dumps(meta))
     assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", only_unlabeled, "--out", out),
-                          "no labeled case")
+                          f"{only_unlabeled}: no labeled case", code=2)
+    assert not out.exists()
     name = _break(dataset_copy, "label_values")
     result = seg_cli("run", "finetune", "-e", "smoke", "--data", dataset_copy, "--out", out)
-    assert result.returncode == 1 and name in result.stderr and "Traceback" not in result.stderr
+    assert_one_line_error(result, str(dataset_copy / "labelsTr" / name), "label values [77]", code=1)
     assert not out.exists()
 
 
 def test_out_is_a_file(synth_data, tmp_path):
     (tmp_path / "file").write_text("x")
     assert_one_line_error(seg_cli("run", "finetune", "-e", "smoke", "--data", synth_data, "--out", tmp_path / "file"),
-                          "file", "is a file")
+                          f"--out {tmp_path / 'file'}: is a file", code=2)
+    assert listing(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "x"
 
 
 def test_init_with_bad_checkpoints(synth_data, smoke_run, tmp_path):
     base = ["run", "finetune", "-e", "smoke", "--data", synth_data, "--device", "cpu"]
     other = seg_cli(*base, "--set", "backbone.options.base_channels=2", "--out", tmp_path / "a", "--init", smoke_run)
-    assert_one_line_error(other, "made with backbone", "base_channels=4", codes=(2,))
+    assert_one_line_error(other, str(smoke_run / "checkpoint_latest.pt"), "made with backbone", "base_channels=4",
+                          code=2)
     cut = tmp_path / "cut.pt"
     shutil.copy(smoke_run / "checkpoint_latest.pt", cut)
     truncate(cut)
-    assert_one_line_error(seg_cli(*base, "--out", tmp_path / "b", "--init", cut), "cut.pt", "truncated", codes=(2,))
+    assert_one_line_error(seg_cli(*base, "--out", tmp_path / "b", "--init", cut), str(cut), "truncated", code=2)
+    assert listing(tmp_path) == ["cut.pt"]  # neither refused run left a folder
 
 
 def test_pretrain_without_unlabeled_or_without_stage(dataset_copy, tmp_path):
     for f in (dataset_copy / "unlabeled").iterdir():
         f.unlink()
     assert_one_line_error(seg_cli("run", "pretrain", "-e", "smoke", "--data", dataset_copy, "--out", tmp_path / "p"),
-                          "no unlabeled scan")
+                          f"{dataset_copy}: no unlabeled scan", code=2)
     assert_one_line_error(seg_cli("run", "pretrain", "-e", "flare22-scratch-vnet", "--data", dataset_copy, "--out",
-                                  tmp_path / "q"), "no pretraining stage")
+                                  tmp_path / "q"), "'flare22-scratch-vnet' has no pretraining stage", code=2)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
 
 
 # ---------------------------------------------------------------- predict
@@ -201,47 +218,54 @@ def test_predict_bad_single_input(smoke_run, synth_data, tmp_path, how, request)
     elif how == "gigantic":
         gigantic_nifti(src)
     out = tmp_path / "out.nii.gz"
+    before = listing(tmp_path)
     result = seg_cli("predict", "-i", src, "-o", out, "--model", smoke_run, "--device", "cpu")
-    assert_one_line_error(result, src.name, codes=(2,))
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert_one_line_error(result, str(src), code=2)
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("how", ["truncated", "label_values", "spacing_huge", "nan"])
 def test_prepare_and_finetune_refuse_broken_datasets(dataset_copy, tmp_path, how):
     name = _break(dataset_copy, how)
+    broken = next(dataset_copy.rglob(name))
     for args in (["data", "prepare", dataset_copy, "-e", "smoke"],
                  ["run", "finetune", "-e", "smoke", "--data", dataset_copy, "--out", tmp_path / "r"]):
         result = seg_cli(*args)
-        assert_one_line_error(result, name)
+        assert_one_line_error(result, str(broken), code=1)  # a dataset that fails its checks
     assert not (tmp_path / "r").exists()
-    assert not (dataset_copy / ".seg_cache").exists() or not list((dataset_copy / ".seg_cache").rglob("*.json"))
+    assert not (dataset_copy / ".seg_cache").exists()  # checked before anything is preprocessed
 
 
 def test_prepare_missing_path(tmp_path):
-    assert_one_line_error(seg_cli("data", "prepare", tmp_path / "nope", "-e", "smoke"), "nope")
+    assert_one_line_error(seg_cli("data", "prepare", tmp_path / "nope", "-e", "smoke"),
+                          f"{tmp_path / 'nope'}: no such dataset folder", code=2)
+    assert listing(tmp_path) == []
 
 
 def test_predict_bad_model_folders(smoke_run, synth_data, tmp_path):
     image = only(synth_data / "imagesTr", "*.nii.gz")[0]
-    assert_one_line_error(seg_cli("predict", "-i", image, "-o", tmp_path / "o", "--model", tmp_path), "config.toml")
+    assert_one_line_error(seg_cli("predict", "-i", image, "-o", tmp_path / "o", "--model", tmp_path),
+                          f"--model {tmp_path}: not a run folder", code=2)
     broken = Path(shutil.copytree(smoke_run, tmp_path / "broken"))
     for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
         truncate(broken / name)
-    assert_one_line_error(seg_cli("predict", "-i", image, "-o", tmp_path / "o", "--model", broken), "truncated")
+    assert_one_line_error(seg_cli("predict", "-i", image, "-o", tmp_path / "o", "--model", broken),
+                          str(broken / "checkpoint_best.pt"), "truncated", code=2)
     classes = Path(shutil.copytree(smoke_run, tmp_path / "classes"))
     for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
         state = torch.load(classes / name, weights_only=True)
         state["backbone"]["out_channels"] = 5
         torch.save(state, classes / name)
     assert_one_line_error(seg_cli("predict", "-i", image, "-o", tmp_path / "o", "--model", classes),
-                          "does not fit")
-    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+                          str(classes / "checkpoint_best.pt"), "does not fit", code=2)
+    assert not (tmp_path / "o").exists()
 
 
 def test_predict_output_is_a_file(smoke_run, synth_data, tmp_path):
     (tmp_path / "file").write_text("x")
     result = seg_cli("predict", "-i", synth_data / "imagesTr", "-o", tmp_path / "file", "--model", smoke_run)
-    assert_one_line_error(result, "file", "is a file")
+    assert_one_line_error(result, f"-o {tmp_path / 'file'}: is a file", code=2)
+    assert listing(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "x"
 
 
 def test_predict_folder_with_one_bad_case_writes_the_others(smoke_run, synth_data, tmp_path):
@@ -249,22 +273,23 @@ def test_predict_folder_with_one_bad_case_writes_the_others(smoke_run, synth_dat
     bad = only(inputs, "*.nii.gz")[0]
     truncate(bad)
     result = seg_cli("predict", "-i", inputs, "-o", tmp_path / "out", "--model", smoke_run, "--device", "cpu")
-    assert result.returncode == 1 and bad.name in result.stderr and "Traceback" not in result.stderr
-    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
-    assert len(written) == len(only(inputs, "*.nii.gz")) - 1
-    assert not list((tmp_path / "out").glob(".*tmp*"))
+    assert_one_line_error(result, "1 case(s) failed", str(bad), code=1)
+    written = listing(tmp_path / "out")  # the others, and nothing hidden (no temporary file, no lock)
+    assert written == sorted(p.name.replace("_0000", "") for p in only(inputs, "*.nii.gz") if p != bad)
 
 
 # ---------------------------------------------------------------- evaluate
 
 def test_evaluate_missing_and_mismatched(synth_data, tmp_path):
-    assert_one_line_error(seg_cli("evaluate", "--pred", tmp_path / "p", "--gt", tmp_path / "g"), "p")
+    assert_one_line_error(seg_cli("evaluate", "--pred", tmp_path / "p", "--gt", tmp_path / "g"),
+                          f"--pred {tmp_path / 'p'}: no such folder", code=2)
     gt = Path(shutil.copytree(synth_data / "labelsTr", tmp_path / "gt"))
     pred = Path(shutil.copytree(gt, tmp_path / "pred"))
     moved = only(pred, "*.nii.gz")[0]
     image = sitk.ReadImage(str(moved))
     image.SetSpacing([s * 2 for s in image.GetSpacing()])
     sitk.WriteImage(image, str(moved))
+    before = listing(tmp_path)
     result = seg_cli("evaluate", "--pred", pred, "--gt", gt, "--out", tmp_path / "m.csv")
-    assert_one_line_error(result, moved.name)
-    assert not (tmp_path / "m.csv").exists()
+    assert_one_line_error(result, str(moved), "its grid", code=2)
+    assert listing(tmp_path) == before

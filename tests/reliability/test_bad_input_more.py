@@ -1,8 +1,9 @@
-"""More bad input (issue #8, the remaining gaps): one clear line, exit code 1 or 2, no traceback, nothing left.
+"""More bad input (issue #8, the remaining gaps): one clear line, the exit code the README gives (2 for a user
+error, 1 for a dataset that fails its checks), no traceback, nothing left.
 
-Same rules as ``test_bad_input.py`` (54 cases); this file tries 46 more, 100 in all. "Unwritable" outputs are
-paths that really cannot be written even by root (the tests run as root, where permission bits block nothing):
-a path under a regular file, or under /proc.
+Same rules as ``test_bad_input.py`` (54 cases); this file tries 46 more (119 in all with
+``test_bad_input_runs.py``). "Unwritable" outputs are paths that really cannot be written even by root (the tests
+run as root, where permission bits block nothing): a path under a regular file, or under /proc.
 
 Cases tried (46):
  data check (1): a path with [brackets] is named intact (not eaten as console markup);
@@ -39,7 +40,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tests.reliability.conftest import assert_one_line_error, ct_volume, seg_cli, truncate, write
+from tests.reliability.conftest import (assert_one_line_error, ct_volume, listing, seg_cli, snapshot, truncate,
+                                        write)
 
 UNDER_PROC = Path("/proc/seg-test-cannot-exist")
 
@@ -48,10 +50,6 @@ def first(folder: Path, pattern: str = "*.nii.gz") -> Path:
     found = sorted(folder.glob(pattern))
     assert found, folder
     return found[0]
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
 def a_file(tmp_path: Path) -> Path:
@@ -81,7 +79,7 @@ def no_labeled_case(data: Path) -> Path:
 # ---------------------------------------------------------------- data check, data synth
 
 def test_check_names_a_path_with_brackets_intact(tmp_path):
-    assert_one_line_error(seg_cli("data", "check", tmp_path / "no[pe]"), "no[pe]", codes=(2,))
+    assert_one_line_error(seg_cli("data", "check", tmp_path / "no[pe]"), "no[pe]", code=2)
 
 
 @pytest.mark.parametrize("how", ["negative", "not_empty", "under_file", "under_proc"])
@@ -99,7 +97,7 @@ def test_synth_refuses_bad_counts_and_outputs(tmp_path, how):
     else:
         out = UNDER_PROC / "out"
     before = listing(tmp_path)
-    assert_one_line_error(seg_cli("data", "synth", out, *args), fragment or str(out), codes=(2,))
+    assert_one_line_error(seg_cli("data", "synth", out, *args), fragment or str(out), code=2)
     assert listing(tmp_path) == before
 
 
@@ -120,7 +118,7 @@ def test_prepare_refuses_empty_and_non_3d_datasets(dataset_copy, how):
         (write_2d if how == "2d" else write_4d)(image)
         name = str(image)
     result = seg_cli("data", "prepare", data, "-e", "smoke")
-    assert_one_line_error(result, name)
+    assert_one_line_error(result, name, code=1)  # the dataset fails its checks
     if how == "empty_dataset":
         assert fragment in result.stderr
     if how in ("2d", "4d"):
@@ -131,27 +129,29 @@ def test_prepare_refuses_empty_and_non_3d_datasets(dataset_copy, how):
 @pytest.mark.parametrize("args, fragments", [
     (["-e", "nope"], ["unknown experiment 'nope'"]),
     (["-e", "smoke", "--set", "preprocess_=[]"], ["preprocess_: unknown key"]),
-    (["-e", "{bad}"], ["bad.toml", "invalid TOML"]),
+    (["-e", "{bad}"], ["{bad}", "invalid TOML"]),
 ])
 def test_prepare_refuses_bad_experiments(synth_data, tmp_path, args, fragments):
     bad = tmp_path / "bad.toml"
     bad.write_text("[experiments.x\nseed = 1\n")
+    before = snapshot(synth_data)
     result = seg_cli("data", "prepare", synth_data, *[a.replace("{bad}", str(bad)) for a in args])
-    assert_one_line_error(result, *fragments, codes=(2,))
+    assert_one_line_error(result, *[f.replace("{bad}", str(bad)) for f in fragments], code=2)
+    assert snapshot(synth_data) == before
 
 
 def test_prepare_with_an_unwritable_cache(dataset_copy, tmp_path):
     cache = a_file(tmp_path) / "cache"
     env = {**os.environ, "SEG_CACHE_DIR": str(cache)}
     result = seg_cli("data", "prepare", dataset_copy, "-e", "smoke", env=env)
-    assert_one_line_error(result, str(cache), "cannot create the preprocessing cache", "SEG_CACHE_DIR", codes=(2,))
-    assert not (dataset_copy / ".seg_cache").exists()
+    assert_one_line_error(result, str(cache), "cannot create the preprocessing cache", "SEG_CACHE_DIR", code=2)
+    assert not (dataset_copy / ".seg_cache").exists() and sorted(os.listdir(tmp_path)) == ["data", "file"]
 
 
 # ---------------------------------------------------------------- run pretrain / finetune
 
-@pytest.mark.parametrize("how", ["missing", "empty_folder", "empty_dataset"])
-def test_pretrain_refuses_missing_and_empty_datasets(dataset_copy, tmp_path, how):
+@pytest.mark.parametrize("how, code", [("missing", 2), ("empty_folder", 1), ("empty_dataset", 1)])
+def test_pretrain_refuses_missing_and_empty_datasets(dataset_copy, tmp_path, how, code):
     data = dataset_copy
     if how == "missing":
         data = tmp_path / "nope"
@@ -163,14 +163,14 @@ def test_pretrain_refuses_missing_and_empty_datasets(dataset_copy, tmp_path, how
         shutil.rmtree(data / "unlabeled")
     out = tmp_path / "runs" / "p"
     result = seg_cli("run", "pretrain", "-e", "smoke", "--data", data, "--out", out, "--epochs", "0", "--device", "cpu")
-    assert_one_line_error(result, str(data))
+    assert_one_line_error(result, str(data), code=code)  # a bad path; a folder that fails the dataset checks
     assert not (tmp_path / "runs").exists()  # the refused run leaves no folder behind, not even the parent it made
 
 
 @pytest.mark.parametrize("args, fragments", [
     (["--ssl", "nope"], ["unknown SSL task 'nope'"]),
     (["--set", "pretrain.epochz=1"], ["pretrain.epochz: unknown key"]),
-    (["-e", "{bad}"], ["bad.toml", "invalid TOML"]),
+    (["-e", "{bad}"], ["{bad}", "invalid TOML"]),
 ])
 def test_pretrain_refuses_bad_names_and_keys(synth_data, tmp_path, args, fragments):
     bad = tmp_path / "bad.toml"
@@ -178,8 +178,8 @@ def test_pretrain_refuses_bad_names_and_keys(synth_data, tmp_path, args, fragmen
     args = [a.replace("{bad}", str(bad)) for a in args]
     result = seg_cli("run", "pretrain", "-e", "smoke", "--data", synth_data, "--out", tmp_path / "p", "--epochs", "0",
                      *args)
-    assert_one_line_error(result, *fragments, codes=(2,))
-    assert not (tmp_path / "p").exists()
+    assert_one_line_error(result, *[f.replace("{bad}", str(bad)) for f in fragments], code=2)
+    assert listing(tmp_path) == ["bad.toml"]
 
 
 @pytest.mark.parametrize("stage, where, fragment", [
@@ -189,8 +189,8 @@ def test_pretrain_refuses_bad_names_and_keys(synth_data, tmp_path, args, fragmen
 def test_run_out_is_a_file_or_under_one(synth_data, tmp_path, stage, where, fragment):
     out = a_file(tmp_path) if where == "file" else a_file(tmp_path) / "run"
     result = seg_cli("run", stage, "-e", "smoke", "--data", synth_data, "--out", out, "--epochs", "0", "--device", "cpu")
-    assert_one_line_error(result, f"--out {out}", fragment, codes=(2,))
-    assert (tmp_path / "file").read_text() == "x"
+    assert_one_line_error(result, f"--out {out}", fragment, code=2)
+    assert (tmp_path / "file").read_text() == "x" and listing(tmp_path) == ["file"]
 
 
 def test_pretrain_skips_a_truncated_unlabeled_scan_then_refuses_a_truncated_resume(dataset_copy, tmp_path):
@@ -210,7 +210,7 @@ def test_pretrain_skips_a_truncated_unlabeled_scan_then_refuses_a_truncated_resu
     truncate(out / "checkpoint_latest.pt")
     before = listing(out)
     result = seg_cli("run", "pretrain", "--data", data, "--out", out, "--resume", "--device", "cpu")
-    assert_one_line_error(result, str(out / "checkpoint_latest.pt"), "truncated", codes=(2,))
+    assert_one_line_error(result, str(out / "checkpoint_latest.pt"), "truncated", code=2)
     assert listing(out) == before
 
 
@@ -224,10 +224,10 @@ def _edit_config(run: Path, pattern: str, replacement: str) -> None:
 
 
 @pytest.mark.parametrize("how, fragments", [
-    ("inferer", ["config.toml", "unknown inferer 'nope'"]),
-    ("malformed", ["config.toml", "invalid TOML"]),
-    ("overlap", ["run/config.toml", "overlap=1.5 must be in [0, 1)"]),
-    ("backbone", ["checkpoint_best.pt", "made with backbone vnet", "this run uses unet3d"]),
+    ("inferer", ["{run}/config.toml", "unknown inferer 'nope'"]),
+    ("malformed", ["{run}/config.toml", "invalid TOML"]),
+    ("overlap", ["{run}/config.toml", "overlap=1.5 must be in [0, 1)"]),
+    ("backbone", ["{run}/checkpoint_best.pt", "made with backbone vnet", "this run uses unet3d"]),
 ])
 def test_predict_refuses_a_run_folder_it_cannot_use(smoke_run, synth_data, tmp_path, how, fragments):
     run = Path(shutil.copytree(smoke_run, tmp_path / "run"))
@@ -242,8 +242,8 @@ def test_predict_refuses_a_run_folder_it_cannot_use(smoke_run, synth_data, tmp_p
         _edit_config(run, r'(\[backbone\]\nname = )"vnet"', r'\1"unet3d"')
     out = tmp_path / "out"
     result = seg_cli("predict", "-i", first(synth_data / "imagesTr"), "-o", out, "--model", run, "--device", "cpu")
-    assert_one_line_error(result, *fragments, codes=(2,))
-    assert not out.exists()
+    assert_one_line_error(result, *[f.replace("{run}", str(run)) for f in fragments], code=2)
+    assert listing(tmp_path) == ["run"] + [f"run/{name}" for name in listing(run)]
 
 
 @pytest.mark.parametrize("overlap", ["1.5", "-0.1"])
@@ -251,8 +251,8 @@ def test_predict_refuses_a_bad_overlap(smoke_run, synth_data, tmp_path, overlap)
     out = tmp_path / "o.nii.gz"
     result = seg_cli("predict", "-i", first(synth_data / "imagesTr"), "-o", out, "--model", smoke_run, "--overlap",
                      overlap)
-    assert_one_line_error(result, f"--overlap {overlap}", "[0, 1)", codes=(2,))
-    assert not out.exists()
+    assert_one_line_error(result, f"--overlap {overlap}", "[0, 1)", code=2)
+    assert listing(tmp_path) == []
 
 
 @pytest.mark.parametrize("how", ["single_under_file", "folder_under_file", "under_proc"])
@@ -263,7 +263,7 @@ def test_predict_into_an_unwritable_output(smoke_run, synth_data, tmp_path, how)
         out = out.parent
     before = listing(tmp_path)
     result = seg_cli("predict", "-i", source, "-o", out, "--model", smoke_run, "--device", "cpu")
-    assert_one_line_error(result, str(out), "cannot write", codes=(2,))
+    assert_one_line_error(result, str(out), "cannot write", code=2)
     assert listing(tmp_path) == before
 
 
@@ -316,13 +316,17 @@ def test_evaluate_refuses_bad_predictions(gt_and_pred, tmp_path, how):
         write(array, broken, like=image)
         fragments += ["[77]", "dataset.json"]
     out = tmp_path / "m.csv"
-    assert_one_line_error(_evaluate(gt, pred, "--out", out), *fragments, codes=(2,))
-    assert not out.exists() and not out.with_suffix(".json").exists()
+    before = listing(tmp_path)
+    assert_one_line_error(_evaluate(gt, pred, "--out", out), *fragments, code=2)
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("value, fragment", [("abc", "'abc' is not a valid float"), ("-1", "--tolerance -1")])
-def test_evaluate_refuses_a_bad_tolerance(gt_and_pred, value, fragment):
-    assert_one_line_error(_evaluate(*gt_and_pred, "--tolerance", value), "--tolerance", fragment, codes=(2,))
+def test_evaluate_refuses_a_bad_tolerance(gt_and_pred, tmp_path, value, fragment):
+    before = listing(tmp_path)
+    out = tmp_path / "m.csv"
+    assert_one_line_error(_evaluate(*gt_and_pred, "--tolerance", value, "--out", out), "--tolerance", fragment, code=2)
+    assert listing(tmp_path) == before
 
 
 @pytest.mark.parametrize("where, fragment", [("folder", "is a folder"), ("under_file", "cannot write there"),
@@ -331,7 +335,7 @@ def test_evaluate_refuses_an_unwritable_out(gt_and_pred, tmp_path, where, fragme
     out = {"folder": tmp_path / "gt", "under_file": a_file(tmp_path) / "m.csv", "under_proc": UNDER_PROC / "m.csv"}
     before = listing(tmp_path)
     result = _evaluate(*gt_and_pred, "--out", out[where])
-    assert_one_line_error(result, f"--out {out[where]}", fragment, codes=(2,))
+    assert_one_line_error(result, f"--out {out[where]}", fragment, code=2)
     assert listing(tmp_path) == before
 
 
