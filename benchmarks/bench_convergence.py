@@ -8,7 +8,9 @@ number of steps, in fresh processes with the same thread count. What differs is 
   polynomial decay, class-aware patches, spatial and intensity augmentation);
 - ``paper``: the paper's fine-tuning settings at the same scale: generalized Dice + CE, Adam 1e-4,
   MultiStepLR (gamma 0.5) at 5 %, 10 % and 25 % of training (the paper's 100, 200 and 500 of 2000
-  epochs), no augmentation, the paper's foreground patches.
+  epochs), no augmentation, the paper's foreground patches;
+- ablations of the recipe, one choice undone each: ``no-class-sampling`` (``class_share = 0``),
+  ``no-augmentation``, ``per-sample-dice`` (Dice per sample with background, instead of over the batch).
 
 Printed per arm, from each run's metrics.csv: the training CPU-seconds (process CPU time of the training
 steps, validation excluded) and wall seconds until validation mean Dice first reached 0.5 and 0.7, the best
@@ -35,6 +37,8 @@ import sys
 from pathlib import Path
 
 LARGE = {"liver": 1, "right_kidney": 2, "spleen": 3, "stomach": 11, "left_kidney": 13}
+SMALL = {"right_adrenal_gland": 7, "left_adrenal_gland": 8, "gallbladder": 9, "esophagus": 10, "pancreas": 4,
+         "duodenum": 12}
 
 
 def paper_settings(epochs: int) -> list[str]:
@@ -44,6 +48,13 @@ def paper_settings(epochs: int) -> list[str]:
             "finetune.scheduler.name=\"multistep\"", f"finetune.scheduler.milestones={milestones}",
             "finetune.scheduler.gamma=0.5", "finetune.scheduler.warmup_epochs=0", "finetune.class_share=0.0",
             "finetune.augment={}"]
+
+
+ABLATIONS = {
+    "no-class-sampling": ["finetune.class_share=0.0"],
+    "no-augmentation": ["finetune.augment={}"],
+    "per-sample-dice": ["finetune.loss.options={}"],
+}
 
 
 def seg(*args, threads: int, check: bool = True) -> subprocess.CompletedProcess:
@@ -79,13 +90,14 @@ def summarise(run: Path) -> dict:
 def test_scores(metrics_json: Path) -> dict:
     """Mean DSC per organ over the test cases from ``seg evaluate``'s JSON."""
     data = json.loads(metrics_json.read_text())
-    return {organ: data["mean"][organ]["DSC"] for organ in data["mean"]} if "mean" in data else data
+    return {**{organ: v["dsc"] for organ, v in data["mean_per_organ"].items()}, "mean": data["mean"]["dsc"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="phantom-scratch-vnet")
-    parser.add_argument("--arms", default="recipe,paper", help="comma-separated: recipe, paper")
+    parser.add_argument("--arms", default="recipe,paper",
+                        help=f"comma-separated: recipe, paper, {', '.join(ABLATIONS)}")
     parser.add_argument("--labeled", type=int, default=8)
     parser.add_argument("--test", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -106,7 +118,7 @@ def main() -> None:
             threads=args.threads)
     results = {}
     for arm in args.arms.split(","):
-        sets = overrides + (paper_settings(epochs) if arm == "paper" else [])
+        sets = overrides + (paper_settings(epochs) if arm == "paper" else ABLATIONS.get(arm, []))
         run = args.work / arm
         set_args = [a for s in sets for a in ("--set", s)]
         if (run / "checkpoint_latest.pt").exists():
@@ -122,17 +134,18 @@ def main() -> None:
     fmt = lambda v: "-" if v is None else (f"{v:.0f}" if v >= 10 else f"{v:.3f}")  # noqa: E731
     print(f"\n{args.experiment}: {args.labeled} labeled phantoms ({args.labeled // 4} validate), {args.test} test, "
           f"{args.threads} threads")
-    print(f"{'arm':8} {'CPU-s to 0.5':>12} {'to 0.7':>8} {'wall to 0.5':>11} {'to 0.7':>8} {'best':>6} {'final':>6} "
+    print(f"{'arm':17} {'CPU-s to 0.5':>12} {'to 0.7':>8} {'wall to 0.5':>11} {'to 0.7':>8} {'best':>6} {'final':>6} "
           f"{'last-quarter gain':>17} {'data wait':>9}")
     for arm, r in results.items():
-        print(f"{arm:8} {fmt(r['cpu_to_0.5']):>12} {fmt(r['cpu_to_0.7']):>8} {fmt(r['wall_to_0.5']):>11} "
+        print(f"{arm:17} {fmt(r['cpu_to_0.5']):>12} {fmt(r['cpu_to_0.7']):>8} {fmt(r['wall_to_0.5']):>11} "
               f"{fmt(r['wall_to_0.7']):>8} {r['best']:6.3f} {r['final']:6.3f} {r['gain_last_quarter']:17.3f} "
               f"{r['data_wait']:9.3f}")
     print("\ntest DSC (seg evaluate on the held-out phantoms)")
-    print(f"{'arm':8} " + " ".join(f"{o[:12]:>12}" for o in LARGE) + f" {'mean (13)':>10}")
+    organs = list(LARGE) + list(SMALL)
+    print(f"{'arm':17} " + " ".join(f"{o[:9]:>9}" for o in organs) + f" {'mean (13)':>10}")
     for arm, r in results.items():
         t = r["test"]
-        print(f"{arm:8} " + " ".join(f"{t.get(o, float('nan')):12.3f}" for o in LARGE)
+        print(f"{arm:17} " + " ".join(f"{t.get(o, float('nan')):9.3f}" for o in organs)
               + f" {t.get('mean', float('nan')):10.3f}")
     if {"recipe", "paper"} <= set(results):
         a, b = results["recipe"], results["paper"]

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -115,3 +116,26 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_time_to_accuracy_columns_accumulate_across_a_resume(tmp_path):
+    """train_cpu_s / train_wall_s are running totals of training-step time (a resumed run continues them) and
+    data_wait is the share of an epoch's step time spent waiting for prefetched batches."""
+    loop, model, step = make_loop(tmp_path, epochs=2)
+    loop.run(step)
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    loop, model, _ = make_loop(tmp_path, epochs=4)
+    loop.resume()
+
+    def slow_batch():
+        time.sleep(0.02)
+        return torch.ones(5, 3)
+
+    loop.run(lambda batch: (model(batch).pow(2).mean(), {}), batches=slow_batch)
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    cpu = [r["train_cpu_s"] for r in history]
+    wall = [r["train_wall_s"] for r in history]
+    assert cpu[:2] == [r["train_cpu_s"] for r in first] and cpu == sorted(cpu) and wall == sorted(wall)
+    assert wall[3] - wall[2] >= 3 * 0.02 * 0.9  # three steps, each waiting for its batch
+    assert [r["data_wait"] for r in history[:2]] == [0.0, 0.0]
+    assert all(0.3 < r["data_wait"] <= 1.0 for r in history[2:])  # the steps are cheap: mostly waiting

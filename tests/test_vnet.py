@@ -302,3 +302,28 @@ def test_fold_norm_matches_convolution_then_eval_batch_norm(affine, transposed):
         folded, identity = fold_norm(conv, norm)
         assert isinstance(identity, nn.Identity)
         assert torch.allclose(identity(folded(x)), expected, atol=1e-5)
+
+
+def test_kernel_size_three_keeps_the_layout_and_the_inference_rearrangement():
+    """``kernel_size = 3`` (the phantom experiments): every stage convolution is 3x3x3 with padding 1, the
+    parameter count is the 5x5x5 network's with 27 instead of 125 taps per stage weight, and the folded
+    inference network computes the same function."""
+    from seg.plugins.vnet import VNet
+
+    small, paper = VNet(1, 3, base_channels=4, depth=3, kernel_size=3), VNet(1, 3, base_channels=4, depth=3)
+    stage_convs = [m for m in small.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size != (2, 2, 2)
+                   and m.kernel_size != (1, 1, 1)]
+    assert stage_convs and all(m.kernel_size == (3, 3, 3) and m.padding == (1, 1, 1) for m in stage_convs)
+    taps = {3: 0, 5: 0}
+    for net, k in ((small, 3), (paper, 5)):
+        taps[k] = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (k,) * 3)
+    assert taps[3] * 125 == taps[5] * 27
+    x = torch.randn(2, 1, 8, 16, 16)
+    small.train()
+    small(x)  # batch statistics move away from their initial values
+    small.eval()
+    with torch.no_grad():
+        expected = small(x)
+        torch.testing.assert_close(small.for_inference()(x), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="kernel_size"):
+        VNet(1, 3, kernel_size=4)

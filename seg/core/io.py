@@ -154,6 +154,38 @@ def nifti_truncation(path: Path) -> str | None:
     return None
 
 
+def gzip_corruption(path: Path, image: sitk.Image) -> str | None:
+    """Why the voxels ITK read from a ``.nii.gz`` file are not the ones it stored, or None.
+
+    ITK decodes a gzip stream with a corrupted byte without complaint (the voxels come back wrong); the gzip
+    trailer's CRC-32 of the whole uncompressed stream tells. When ITK returned the stored bytes unchanged (no
+    intensity rescaling, little-endian, same width) the CRC is computed over the header and ITK's own buffer
+    (about 1 GB/s); otherwise the file is decompressed once more, which checks it.
+    """
+    if path.is_dir() or not path.name.lower().endswith(".nii.gz"):
+        return None
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-8, 2)
+            crc, length = struct.unpack("<II", fh.read(8))
+        with gzip.open(path, "rb") as fh:
+            header = fh.read(348)
+            if len(header) == 348 and struct.unpack("<i", header[:4])[0] == 348:
+                (offset,), (bitpix,) = struct.unpack("<f", header[108:112]), struct.unpack("<h", header[72:74])
+                slope, inter = struct.unpack("<ff", header[112:120])
+                voxels = sitk.GetArrayViewFromImage(image)
+                if (slope in (0.0, 1.0) and inter == 0.0 and bitpix == 8 * voxels.dtype.itemsize
+                        and voxels.dtype.byteorder in "=<|" and (int(offset) + voxels.nbytes) % 2**32 == length):
+                    header += fh.read(int(offset) - 348)
+                    found = zlib.crc32(np.ascontiguousarray(voxels).view(np.uint8), zlib.crc32(header))
+                    return None if found == crc else "corrupt compressed data (CRC-32 mismatch)"
+            while fh.read(1 << 24):  # the gzip module checks the CRC at the end of the stream
+                pass
+    except (OSError, EOFError, zlib.error, struct.error) as exc:
+        return f"corrupt compressed data ({exc})"
+    return None
+
+
 def read_image(path: str | os.PathLike, pixel_type=None) -> sitk.Image:
     """Read a 3D scalar image file or DICOM series folder; refuse 2D, 4D, vector and oversized images."""
     path = Path(path)
@@ -178,6 +210,8 @@ def read_image(path: str | os.PathLike, pixel_type=None) -> sitk.Image:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise DataError(f"{path}: could not read the image ({_first_line(exc)})") from None
+    if corrupt := gzip_corruption(path, image):
+        raise DataError(f"{path}: {corrupt}")
     if image.GetDimension() != 3:
         raise DataError(f"{path}: a {image.GetDimension()}D image; expected a 3D volume")
     spacing = image.GetSpacing()
@@ -265,6 +299,19 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
             sitk.WriteImage(image, str(tmp), useCompression=compress)
         except RuntimeError as exc:
             raise OutputError(f"{path}: cannot write the image ({_first_line(exc)})") from None
+        if incomplete := nifti_truncation(tmp):  # ITK does not report a failed write (a full disk)
+            raise _why_incomplete(tmp, incomplete)
+
+
+def _why_incomplete(tmp: Path, what: str) -> OSError:
+    """The error behind a file that came out incomplete: one more write to it reports the full disk's errno."""
+    try:
+        with open(tmp, "ab") as fh:
+            fh.write(bytes(1 << 16))
+            fh.flush()
+    except OSError as exc:
+        return exc
+    return OSError(f"the file written is incomplete: {what}")
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:

@@ -32,9 +32,6 @@ from seg.core.checkpoint import load_checkpoint
 from tests.reliability.conftest import (assert_one_line_error, listing, same_weights, seg_cli, snapshot,
                                         training_args)
 
-IO_PATCH = ("seg/core/io.py does not check the gzip CRC: ITK decodes a corrupted stream silently (a fix is "
-            "proposed in the issue #15 report)")
-
 
 def first(folder: Path, pattern: str = "*.nii.gz") -> Path:
     found = sorted(folder.glob(pattern))
@@ -63,7 +60,6 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None
 
 # ---------------------------------------------------------------- a corrupted byte
 
-@pytest.mark.xfail(strict=True, reason=IO_PATCH)
 def test_predict_refuses_a_gzip_with_a_corrupted_byte(smoke_run, synth_data, tmp_path):
     image = Path(shutil.copy(first(synth_data / "imagesTr"), tmp_path / "in_0000.nii.gz"))
     corrupt_middle_byte(image)
@@ -73,7 +69,6 @@ def test_predict_refuses_a_gzip_with_a_corrupted_byte(smoke_run, synth_data, tmp
     assert listing(tmp_path) == ["in_0000.nii.gz"]
 
 
-@pytest.mark.xfail(strict=True, reason=IO_PATCH)
 def test_prepare_refuses_a_gzip_with_a_corrupted_byte(dataset_copy):
     image = first(dataset_copy / "imagesTr")
     corrupt_middle_byte(image)

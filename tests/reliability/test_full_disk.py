@@ -68,9 +68,6 @@ def _no_temporaries(folder: Path) -> None:
     assert not [name for name in listing(folder) if Path(name).name.startswith(".")], listing(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="ITK writes a label map onto a full disk without an error (an empty or cut "
-                   "file is renamed into place): seg/core/io.py's write_image must check what it wrote (a fix is "
-                   "proposed in the issue #15 report)")
 def test_predict_into_a_full_disk(small_disk, smoke_run, predict_reference):
     inputs, reference = predict_reference
     one = max(_size_on_disk(p) for p in reference.iterdir())
