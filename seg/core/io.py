@@ -314,6 +314,22 @@ def _why_incomplete(tmp: Path, what: str) -> OSError:
     return OSError(f"the file written is incomplete: {what}")
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files ``atomic_path`` left in ``folder`` when its process was killed mid-write (kill -9
+    or a power cut between creating one and renaming it into place); returns what was removed. Call it only while
+    holding the folder's lock (``seg.core.lock``), when no other writer can be mid-write there."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if path.is_file() and path.name.startswith(".") and ".tmp" in path.name and path.name != ".seg.lock":
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def write_text(text: str, path: str | os.PathLike) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:

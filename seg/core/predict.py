@@ -24,7 +24,7 @@ from seg.core.console import info, progress_bar
 from seg.core.dataset import list_images
 from seg.core.errors import ConfigError, DataError
 from seg.core.inference import class_argmax, infer_labels, resolve_device, resolve_precision
-from seg.core.io import atomic_path, case_name, image_suffix, read_image, write_image
+from seg.core.io import atomic_path, case_name, image_suffix, read_image, remove_stale_temporaries, write_image
 from seg.core.lock import folder_lock
 from seg.core.model import build_with_weights
 from seg.core.modelfile import load_model
@@ -147,6 +147,7 @@ def predict_paths(input_path: Path, output: Path, run: Path, **options) -> dict:
     if single or (output.exists() and not output.is_dir()):
         return _predict_unlocked(input_path, output, run, **options)
     with folder_lock(output, "-o"):
+        remove_stale_temporaries(output)  # a killed predict may have died mid-write
         return _predict_unlocked(input_path, output, run, **options)
 
 

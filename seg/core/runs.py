@@ -17,7 +17,7 @@ from seg.core import distributed
 from seg.core.config import Experiment, experiment_toml, load_experiment
 from seg.core.checkpoint import load_checkpoint
 from seg.core.errors import CheckpointError, SegError
-from seg.core.io import write_text
+from seg.core.io import remove_stale_temporaries, write_text
 from seg.core.lock import folder_lock
 from seg.core.train import LATEST
 
@@ -62,6 +62,7 @@ def claim_run_dir(out: Path, resume: bool, kind: str):
     with lock:
         if resume:
             check_resumable(out, kind)
+            remove_stale_temporaries(out)  # a killed run may have died mid-write
         with discarded_if_refused(out, resume):
             yield
 

@@ -93,7 +93,9 @@ def test_interrupted_training_resumes_exactly(stage, sig, synth_data, reference_
     _check_interruption(result, sig)
     stopped_at = load_checkpoint(out / "checkpoint_latest.pt")["epoch"]
     assert 0 < stopped_at < EPOCHS, stopped_at  # interrupted mid-run: there is something to resume and to do
-    assert not [p for p in listing(out) if p.startswith(".") and p != ".seg.lock"]  # no half-written file
+    # kill -9 can land between an atomic write's temporary file and its rename: the temporary may stay, the file
+    # it was replacing never changes half-way; the resume removes such leftovers (asserted below)
+    assert all(".tmp" in p for p in listing(out) if p.startswith(".") and p != ".seg.lock"), listing(out)
 
     resumed = seg_cli("run", stage, "--data", synth_data, "--out", out, "--resume", "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr
@@ -153,3 +155,18 @@ def test_interrupted_predict_finishes_only_what_is_missing(sig, smoke_run, predi
     for name in listing(reference):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
+
+
+def test_resume_removes_what_a_write_killed_mid_way_left(tmp_path):
+    """kill -9 between an atomic write's temporary file and its rename leaves the temporary (named after the
+    target); the next run holding the folder's lock removes such files and nothing else."""
+    from seg.core.io import atomic_path, remove_stale_temporaries
+
+    with atomic_path(tmp_path / "checkpoint_latest.pt", suffix=".pt") as tmp:
+        tmp.write_bytes(b"half")
+        leftover = tmp.with_name(tmp.name + "-copy.tmp.pt")
+        leftover.write_bytes(b"half")  # what a killed writer would have left
+    (tmp_path / ".seg.lock").write_text("")
+    (tmp_path / ".hidden-user-file").write_text("keep")
+    assert remove_stale_temporaries(tmp_path) == [leftover]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-user-file", ".seg.lock", "checkpoint_latest.pt"]
