@@ -66,9 +66,10 @@ def main() -> None:
             start = time.perf_counter()
             report = evaluate_folders(pred, gt)
             alone.append(time.perf_counter() - start)
+    mean = report.overall()
     print(f"one case of {size[0]} x {size[1]} x {size[2]} voxels, {organs} organs, prediction shifted {args.shift} "
-          f"voxels (mean DSC {report.overall()['dsc']:.3f}, NSD {report.overall()['nsd']:.3f}): seg evaluate {min(cli):.1f} s (fresh process), "
-          f"evaluate_folders {min(alone):.1f} s")
+          f"voxels (mean DSC {mean['dsc']:.3f}, NSD {mean['nsd']:.3f}): seg evaluate {min(cli):.1f} s (fresh "
+          f"process), evaluate_folders {min(alone):.1f} s")
 
 
 if __name__ == "__main__":

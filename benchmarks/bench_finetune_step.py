@@ -25,8 +25,8 @@ timed steps (``--steps`` per round, each round after one untimed warm-up step), 
 peak RSS = the largest of the rounds; RSS built = the peak before the first step (interpreter, libraries,
 network); ratios = seg vnet + gdice_ce / the row named.
 
-    python benchmarks/bench_finetune_step.py            # paper size: several minutes on 2 cores
-    python benchmarks/bench_finetune_step.py --quick    # 32 x 64 x 64, a sanity run
+    python benchmarks/bench_finetune_step.py            # paper size: about 15 minutes on 2 cores
+    python benchmarks/bench_finetune_step.py --quick    # 16 x 32 x 32, one step per row: checks the script
 """
 
 from __future__ import annotations
@@ -107,11 +107,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating subprocesses per row")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="32 x 64 x 64, 2 steps")
+    parser.add_argument("--quick", action="store_true", help="16 x 32 x 32, one step per row")
     parser.add_argument("--worker", choices=list(ROWS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.size, args.steps, args.rounds = [32, 64, 64], 2, 1
+        args.size, args.steps, args.rounds = [16, 32, 32], 1, 1
     if args.worker:
         print(json.dumps(worker(args.worker, args.size, args.steps, args.threads)))
         return
