@@ -19,11 +19,14 @@ of float32 matters with FLARE22's 2000 unlabeled scans. Patch samplers read them
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -190,14 +193,26 @@ def is_prepared(case, cache_dir, steps: list[tuple[str, dict]]) -> bool:
     return _is_current(Path(cache_dir), case.name, key)
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """While the pool spawns its workers: SIGINT ignored, a disposition the new processes keep from their first
+    instruction (a Ctrl-C while one is still importing would otherwise print its traceback); restored after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _worker_setup() -> None:
     """One thread per worker process: the processes are the parallelism. Ctrl-C reaches the whole process
-    group: workers ignore it and finish their case, the main process stops the pool and reports it once."""
-    import signal
-
+    group: workers ignore it (from their start: ``_workers_ignore_ctrl_c``) and finish their case, the main
+    process stops the pool and reports it once."""
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
@@ -261,7 +276,8 @@ def prepare(cases, cache_dir, steps: list[tuple[str, dict]], workers: int = 1, p
     pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
                                                   initializer=_worker_setup)
     try:
-        futures = {pool.submit(_run_one, case, cache_dir, steps): case for case in pending}
+        with _workers_ignore_ctrl_c():
+            futures = {pool.submit(_run_one, case, cache_dir, steps): case for case in pending}
         for future in concurrent.futures.as_completed(futures):
             finish(futures[future], future.result())
     finally:
