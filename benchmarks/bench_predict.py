@@ -240,29 +240,16 @@ def worker(row: str, scan: str, out: str, run: str, stats: str, params: dict) ->
 
 
 def macs_per_voxel(network_factory) -> float:
-    """Multiply-accumulates per input voxel of a fully convolutional network, from (transposed) convolution
-    hooks on a meta-device forward pass (tests/test_vnet.py's count; exact for sizes divisible by 16)."""
+    """Multiply-accumulates per input voxel of a fully convolutional network (``seg.core.model.count_macs`` on a
+    meta-device forward pass; exact for sizes divisible by 16)."""
     import torch
-    from torch import nn
+
+    from seg.core.model import count_macs
 
     with torch.device("meta"):
         network = network_factory().eval()
-    total, shape = 0, (1, 1, 16, 32, 32)
-
-    def hook(module, inputs, output):
-        nonlocal total
-        taps = math.prod(module.kernel_size)
-        if isinstance(module, nn.ConvTranspose3d):  # every input voxel scatters into out_channels * taps outputs
-            total += inputs[0][0].numel() * module.out_channels // module.groups * taps
-        else:  # every output voxel gathers in_channels * taps inputs
-            total += output[0].numel() * module.in_channels // module.groups * taps
-
-    for m in network.modules():
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
-            m.register_forward_hook(hook)
-    with torch.no_grad():
-        network(torch.empty(shape, device="meta"))
-    return total / math.prod(shape)
+    shape = (1, 16, 32, 32)
+    return count_macs(network, shape) / math.prod(shape)
 
 
 def measured(command: list[str]) -> tuple[float, float]:

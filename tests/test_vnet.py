@@ -12,32 +12,11 @@ from torch import nn
 from seg.core import plugins
 from seg.core.backbone import EncoderDecoder, is_encoder_key
 from seg.core.errors import ConfigError
+from seg.core.model import count_macs
 from seg.plugins.vnet import VNet
 
 TINY = dict(base_channels=4, depth=3)
 
-
-
-def count_macs(model: nn.Module, shape: tuple[int, ...], within: nn.Module | None = None) -> int:
-    """Multiply-accumulates of one forward pass on the meta device, from (transposed) convolution hooks (only
-    those of the submodule ``within``, if given)."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        taps = math.prod(module.kernel_size)
-        if isinstance(module, nn.ConvTranspose3d):  # every input voxel scatters into out_channels * taps outputs
-            total += inputs[0][0].numel() * module.out_channels // module.groups * taps
-        else:  # every output voxel gathers in_channels * taps inputs
-            total += output[0].numel() * module.in_channels // module.groups * taps
-
-    handles = [m.register_forward_hook(hook) for m in (within or model).modules()
-               if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-    with torch.no_grad():
-        model.eval()(torch.empty(1, *shape, device="meta"))
-    for handle in handles:
-        handle.remove()
-    return total
 
 
 def vnet_size(in_ch, out_ch, base, convs, voxels):

@@ -4,9 +4,11 @@ checkpoints so a mismatch is caught by name instead of producing silent garbage.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from seg.core import plugins
@@ -112,3 +114,26 @@ def load_pretrained(model: torch.nn.Module, path: Path, wanted: dict) -> dict:
          f"{report['decoder_loaded']}/{len(target) - n_enc} decoder tensors; "
          f"not loaded (shape differs): {', '.join(report['skipped']) or 'none'}")
     return report
+
+
+def count_macs(model: nn.Module, shape: tuple[int, ...], within: nn.Module | None = None) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on an input of ``shape`` (C, D, H, W), on the meta
+    device (no memory, no arithmetic), from (transposed) convolution hooks (only those of the submodule
+    ``within``, if given). The tests check it against the V-Net's stage-by-stage count; benchmarks print it."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        taps = math.prod(module.kernel_size)
+        if isinstance(module, nn.ConvTranspose3d):  # every input voxel scatters into out_channels * taps outputs
+            total += inputs[0][0].numel() * module.out_channels // module.groups * taps
+        else:  # every output voxel gathers in_channels * taps inputs
+            total += output[0].numel() * module.in_channels // module.groups * taps
+
+    handles = [m.register_forward_hook(hook) for m in (within or model).modules()
+               if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    with torch.no_grad():
+        model.eval()(torch.empty(1, *shape, device="meta"))
+    for handle in handles:
+        handle.remove()
+    return total
