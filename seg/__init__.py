@@ -6,11 +6,17 @@ Public API:
 - ``seg.predict_image(image, run_dir_or_model_file)``: segment a SimpleITK image in memory (``seg.core.predict``).
 """
 
-import pluggy
-
 __version__ = "0.1.0"
 
-hookimpl = pluggy.HookimplMarker("seg")
+
+def __getattr__(name: str):
+    # pluggy is imported on first use of ``seg.hookimpl``, so that the ``seg`` command can report it missing
+    if name == "hookimpl":
+        import pluggy
+
+        globals()["hookimpl"] = pluggy.HookimplMarker("seg")
+        return globals()["hookimpl"]
+    raise AttributeError(f"module 'seg' has no attribute {name!r}")
 
 
 def predict_image(image, run, **options):

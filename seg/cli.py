@@ -16,6 +16,7 @@ from rich.table import Table
 from seg import __version__
 from seg.core.console import console, set_quiet
 from seg.core.errors import SegError
+from seg.entry import missing_package_line
 
 EXPERIMENT_HELP = "registry experiment name, or a TOML file such as a run's config.toml"
 SET_HELP = "override a dotted config key, e.g. finetune.optimizer.lr=3e-4 (repeatable)"
@@ -368,38 +369,12 @@ def main(argv=None) -> None:
         console.print(INTERRUPTED, highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
     except ImportError as exc:
-        package = _missing_package(exc)
-        if debug or package is None:  # seg's own import failing is a bug: its traceback helps
+        line = missing_package_line(exc)
+        if debug or line is None:  # seg's own import failing is a bug: its traceback helps
             raise
-        detail = escape(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        console.print(f"[red]error: cannot import {package} ({detail}); install or repair it: pip install "
-                      f"{_install_name(package)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]{escape(line)}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
 
 
 INTERRUPTED = ("[red]interrupted: everything written so far is whole; the same command continues where it stopped "
                "(seg run: add --resume)")
-
-
-def _missing_package(exc: ImportError) -> str | None:
-    """The top-level package that is missing or broken, or None when the failing import is seg's own (a bug).
-
-    ``exc.name`` names the module that could not be found or lacks a name; an error raised while a module was
-    being imported (a broken install, a missing shared library) names none: the innermost module is the culprit.
-    """
-    if exc.name:
-        top = exc.name.split(".")[0]
-        return None if top == "seg" else top
-    frames, tb = [], exc.__traceback__
-    while tb is not None:
-        frames.append((tb.tb_frame.f_globals.get("__name__") or "").split(".")[0])
-        tb = tb.tb_next
-    culprit = next((name for name in reversed(frames) if name not in ("", "importlib")), "seg")
-    return None if culprit in ("seg", "__main__") else culprit
-
-
-def _install_name(module: str) -> str:
-    """The distribution that provides the top-level module ``module`` (its own name when not installed)."""
-    from importlib.metadata import packages_distributions
-
-    return (packages_distributions().get(module) or [module])[0]

@@ -65,12 +65,33 @@ def test_every_public_thing_has_a_docstring():
     assert not missing, f"no docstring: {missing}"
 
 
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+    return names
+
+
 def test_core_never_imports_a_plugin():
     for path in (ROOT / "seg" / "core").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any(n.startswith("seg.plugins") for n in names), f"{path.name} imports {names}"
+        names = _imports(path)
+        assert not any(n.startswith("seg.plugins") for n in names), f"{path.name} imports {names}"
+
+
+def test_no_import_runs_back_up_the_layers():
+    """cli -> core -> plugins: neither the core nor a plugin imports the command line or its script."""
+    for path in [*(ROOT / "seg" / "core").glob("*.py"), *(ROOT / "seg" / "plugins").glob("*.py")]:
+        names = _imports(path)
+        assert not any(n in ("seg.cli", "seg.entry") for n in names), f"{path.parent.name}/{path.name} imports {names}"
+
+
+def test_the_readme_architecture_names_every_module():
+    tree = README.split("## Architecture", 1)[1].split("```", 2)[1]
+    for folder in (ROOT / "seg", ROOT / "seg" / "core"):
+        for path in folder.glob("*.py"):
+            if path.stem not in ("__main__",) and not (folder.name == "core" and path.stem == "__init__"):
+                assert re.search(rf"\b{re.escape(path.name)}\b", tree), f"README's architecture misses {path.name}"
 
 
 def test_every_builtin_plugin_module_is_an_entry_point():

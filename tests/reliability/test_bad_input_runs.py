@@ -194,7 +194,7 @@ def test_a_second_run_into_a_run_in_progress(synth_data, reference_run, tmp_path
 
 def _seg_without(module: str, *args, pythonpath: Path | None = None):
     """``seg ARGS`` in a Python where importing ``module`` fails as if it were not installed."""
-    code = f"import sys; sys.modules[{module!r}] = None; from seg.cli import main; main()"
+    code = f"import sys; sys.modules[{module!r}] = None; from seg.entry import main; main()"
     env = {**os.environ, "PYTHONPATH": str(pythonpath)} if pythonpath else None
     return subprocess.run([sys.executable, "-c", code, "-q", *map(str, args)], capture_output=True, text=True,
                           env=env)
@@ -205,6 +205,13 @@ def test_a_missing_package_is_one_line_naming_it(synth_data, tmp_path):
     result = _seg_without("SimpleITK", "evaluate", "--pred", labels, "--gt", labels, "--out", tmp_path / "m.csv")
     assert_one_line_error(result, "cannot import SimpleITK", "pip install simpleitk", code=2)
     assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("module, dist", [("click", "click"), ("rich", "rich"), ("pluggy", "pluggy"),
+                                          ("torch", "torch")])
+def test_a_package_the_command_line_itself_needs_is_one_line_naming_it(module, dist):
+    result = _seg_without(module, "plugins")
+    assert_one_line_error(result, f"cannot import {module}", f"pip install {dist}", code=2)
 
 
 def test_a_broken_package_is_one_line_naming_it(synth_data, tmp_path):
