@@ -277,11 +277,14 @@ def evaluate(pred, gt, out, tolerance, per_case, rule):
               "subsets per seed, shared pretraining, paired comparisons")
 @click.option("--pretrain-seeds", default=None, help="with --labels: seeds of the shared pretraining runs "
               "[default: the first of --seeds]")
+@click.option("--val-cases", default=0, show_default=True, type=click.IntRange(min=0),
+              help="with --labels: labeled cases per seed kept out of every budget to validate on (model "
+              "selection, convergence); 0: each run validates within its budget")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help=SET_HELP + " (every experiment; pretrain.* only those that pretrain)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", default=1, show_default=True, help="preprocessing worker processes")
-def study(names, data_dir, test_dir, out, seeds, labels, pretrain_seeds, overrides, device, workers):
+def study(names, data_dir, test_dir, out, seeds, labels, pretrain_seeds, val_cases, overrides, device, workers):
     """Pretrain, fine-tune and evaluate several experiments on the same split; write OUT/report.md."""
     from seg.core.study import resolve_experiments, run_study
 
@@ -299,10 +302,13 @@ def study(names, data_dir, test_dir, out, seeds, labels, pretrain_seeds, overrid
     if pretrain_seeds is not None and budgets is None:
         raise SegError("--pretrain-seeds: only with --labels (without it every seed pretrains its own run)")
     pretrain_list = integers("--pretrain-seeds", pretrain_seeds) if pretrain_seeds is not None else None
+    if val_cases and budgets is None:
+        raise SegError("--val-cases: only with --labels (without it a run validates on a share of all its cases)")
     experiments_ = [n.strip() for n in names.split(",") if n.strip()]
     resolve_experiments(experiments_, overrides)  # fail early on a bad name or override
     report = run_study(experiments_, data_dir, out, seeds=seed_list, test=test_dir, overrides=overrides,
-                       device=device, workers=workers, labels=budgets, pretrain_seeds=pretrain_list)
+                       device=device, workers=workers, labels=budgets, pretrain_seeds=pretrain_list,
+                       val_cases=val_cases)
     console.print(f"[green]report written to {report}")
 
 

@@ -15,8 +15,11 @@ import pytest
 
 import seg.core.study as study_module
 from seg.core.report import adrenal_verdict, organ_table
+from seg.core.config import load_experiment
+from seg.core.errors import ConfigError
+from seg.core.finetune import training_and_validation
 from seg.core.study import (StudyRun, bootstrap_interval, experiment_overrides, label_subsets, paired_differences,
-                            resolve_experiments, run_study, verdict)
+                            resolve_experiments, run_study, validation_cases, verdict)
 from seg.core.synth import write_synthetic_dataset
 from seg.core.train import LATEST
 from tests.reliability.conftest import assert_one_line_error, seg_cli
@@ -351,4 +354,63 @@ def test_cli_refuses_bad_label_budgets(tmp_path):
     common = ("study", "--experiments", "smoke-scratch", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
     assert_one_line_error(seg_cli(*common, "--labels", "1,3"), "--labels 3", "1 to 2", code=2)
     assert_one_line_error(seg_cli(*common, "--pretrain-seeds", "0"), "--pretrain-seeds", "--labels", code=2)
+    assert not (tmp_path / "o").exists()
+
+
+# ---- validation cases kept out of every budget (--val-cases) -------------------------------------------------
+
+def _case(name):
+    return type("Case", (), {"name": name})()
+
+
+def test_training_and_validation_keeps_named_validation_cases_out_of_training():
+    cases = [_case(n) for n in ("a", "b", "c", "d")]
+    names = lambda picked: [c.name for c in picked]  # noqa: E731
+    cfg = load_experiment("smoke", ("finetune.val_cases=[\"d\"]",)).finetune
+    train, val = training_and_validation(cases, cfg, Path("DATA"), seed=0)
+    assert names(train) == ["a", "b", "c"] and names(val) == ["d"]
+    cfg = load_experiment("smoke", ("finetune.val_cases=[\"d\"]", "finetune.cases=[\"b\"]")).finetune
+    train, val = training_and_validation(cases, cfg, Path("DATA"), seed=0)
+    assert names(train) == ["b"] and names(val) == ["d"]  # one training case: no longer validated on itself
+    cfg = load_experiment("smoke", ("finetune.cases=[\"b\"]",)).finetune
+    assert [names(x) for x in training_and_validation(cases, cfg, Path("DATA"), seed=0)] == [["b"], ["b"]]
+    for overrides, message in [(("finetune.val_cases=[\"d\"]", "finetune.cases=[\"d\"]"), "'d' is also in"),
+                               (("finetune.val_cases=[\"e\"]",), "no labeled case 'e' in DATA"),
+                               (("finetune.val_cases=[\"a\",\"b\",\"c\",\"d\"]",), "none is left")]:
+        with pytest.raises(ConfigError, match=message):
+            training_and_validation(cases, load_experiment("smoke", overrides).finetune, Path("DATA"), seed=0)
+
+
+def test_validation_cases_lie_outside_every_budget_of_their_seed():
+    names = [f"case{i:02d}" for i in range(8)]
+    for seed in range(5):
+        val = validation_cases(names, seed, 2)
+        subsets = label_subsets(names, (1, 2, 4, 6), seed)
+        assert len(val) == 2 and not set(val) & set(subsets[6]) and set(val) | set(subsets[6]) == set(names)
+        assert validation_cases(list(reversed(names)), seed, 2) == val
+    assert validation_cases(names, 0, 0) == []
+    assert len({tuple(validation_cases(names, s, 2)) for s in range(6)}) > 1
+
+
+def test_budget_study_validates_every_run_of_a_seed_on_the_cases_kept_aside(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 3, 0, seed=0, test=1)
+    run_study(["smoke-scratch"], tmp_path / "data", tmp_path / "out", seeds=(1,), labels=(1, 2), val_cases=1,
+              overrides=("finetune.epochs=1", "finetune.val_every=1"), device="cpu")
+    names = [f"synth_{i:04d}" for i in range(3)]
+    val = validation_cases(names, 1, 1)
+    runs = json.loads((tmp_path / "out" / "runs.json").read_text())
+    assert [r["labels"] for r in runs] == [1, 2]
+    for r in runs:
+        assert r["val_cases"] == val and not set(val) & set(r["cases"]) and len(r["cases"]) == r["labels"]
+        log = (Path(r["folder"]) / "finetune" / "log.txt").read_text()
+        assert f"fine-tuning on {r['labels']} cases, validating on 1: {val[0]}" in log
+
+
+def test_cli_refuses_bad_validation_counts(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 3, 0, seed=0, test=1)
+    common = ("study", "--experiments", "smoke-scratch", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(seg_cli(*common, "--labels", "1,3", "--val-cases", "1"), "--labels 3", "1 to 2",
+                          "besides 1 validation case", code=2)
+    assert_one_line_error(seg_cli(*common, "--labels", "1", "--val-cases", "3"), "--val-cases 3", "fewer than", code=2)
+    assert_one_line_error(seg_cli(*common, "--val-cases", "1"), "--val-cases", "--labels", code=2)
     assert not (tmp_path / "o").exists()

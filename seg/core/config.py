@@ -116,6 +116,7 @@ class Finetune:
     val_every: int = 10
     checkpoint_every: int = 1
     cases: list[str] = attrs.field(factory=list)  # labeled cases that take part (a label budget); []: all
+    val_cases: list[str] = attrs.field(factory=list)  # validate on these, kept out of training; []: split `cases`
 
 
 @attrs.frozen

@@ -41,16 +41,41 @@ def split_cases(names: list[str], fraction: float, seed: int) -> tuple[list[str]
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def chosen_cases(cases: list, names: list[str], data: Path) -> list:
-    """The labeled ``cases`` that ``finetune.cases`` names (all of them when it is empty: a label budget is a
-    subset); the train/validation split is then drawn from these as from all."""
-    if not names:
-        return cases
+def _named(cases: list, names: list[str], data: Path, option: str) -> list:
     known = {c.name for c in cases}
     missing = [n for n in names if n not in known]
     if missing:
-        raise ConfigError(f"finetune.cases: no labeled case {missing[0]!r} in {data}")
+        raise ConfigError(f"{option}: no labeled case {missing[0]!r} in {data}")
     return [c for c in cases if c.name in set(names)]
+
+
+def chosen_cases(cases: list, names: list[str], data: Path) -> list:
+    """The labeled ``cases`` that ``finetune.cases`` names (all of them when it is empty: a label budget is a
+    subset)."""
+    return _named(cases, names, data, "finetune.cases") if names else cases
+
+
+def training_and_validation(cases: list, cfg, data: Path, seed: int) -> tuple[list, list]:
+    """The training and validation cases of a fine-tuning run (``cfg``: the experiment's ``finetune``).
+
+    With ``finetune.val_cases``, those validate and are kept out of training, which takes ``finetune.cases``
+    (every other labeled case when it is empty); without, the validation cases are a ``val_fraction`` split of
+    ``finetune.cases`` (:func:`split_cases`).
+    """
+    if not cfg.val_cases:
+        chosen = chosen_cases(cases, cfg.cases, data)
+        train_names, val_names = split_cases([c.name for c in chosen], cfg.val_fraction, seed)
+        return [c for c in chosen if c.name in train_names], [c for c in chosen if c.name in val_names]
+    val = _named(cases, cfg.val_cases, data, "finetune.val_cases")
+    both = sorted(set(cfg.cases) & set(cfg.val_cases))
+    if both:
+        raise ConfigError(f"finetune.val_cases: {both[0]!r} is also in finetune.cases; validation cases are kept "
+                          "out of training")
+    train = chosen_cases(cases, cfg.cases, data) if cfg.cases else [c for c in cases if c.name not in set(cfg.val_cases)]
+    if not train:
+        raise ConfigError(f"finetune.val_cases: every labeled case of {data} is a validation case; none is left "
+                          "to train on")
+    return train, val
 
 
 def validate(network, cases, inferer, device, num_classes: int) -> dict[str, float]:
@@ -91,12 +116,9 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
     with log_to(Path(out) / "log.txt"):
         dataset, cases = labeled_cases(Path(data), exp, workers)
         cfg = exp.finetune
-        cases = chosen_cases(cases, cfg.cases, data)
+        train, val = training_and_validation(cases, cfg, data, exp.seed)
         generator = seed_everything(exp.seed + distributed.rank())
-        train_names, val_names = split_cases([c.name for c in cases], cfg.val_fraction, exp.seed)
-        train = [c for c in cases if c.name in train_names]
-        val = [c for c in cases if c.name in val_names]
-        info(f"fine-tuning on {len(train)} cases, validating on {len(val)}: {', '.join(val_names)}")
+        info(f"fine-tuning on {len(train)} cases, validating on {len(val)}: {', '.join(c.name for c in val)}")
         num_classes = dataset.num_classes
         network = build_backbone(exp.backbone, 1, num_classes).to(dev)
         described = describe_backbone(exp.backbone, 1, num_classes)

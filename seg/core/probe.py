@@ -24,7 +24,7 @@ from seg.core.augment import augment_batch
 from seg.core.config import Experiment
 from seg.core.data import labeled_cases
 from seg.core.errors import DataError
-from seg.core.finetune import chosen_cases, split_cases, validate
+from seg.core.finetune import training_and_validation, validate
 from seg.core.model import build_backbone
 from seg.core.patches import LabeledPatches
 from seg.core.train import build_optimizer
@@ -42,10 +42,7 @@ class Probe:
             dataset, cases = labeled_cases(Path(data), exp, workers)
         except DataError as exc:
             raise DataError(f"pretrain.probe_every: the probe fine-tunes on labeled cases; {exc}") from None
-        cases = chosen_cases(cases, cfg.cases, data)
-        train_names, val_names = split_cases([c.name for c in cases], cfg.val_fraction, exp.seed)
-        self.train = [c for c in cases if c.name in train_names]
-        self.val = [c for c in cases if c.name in val_names]
+        self.train, self.val = training_and_validation(cases, cfg, data, exp.seed)
         self.num_classes = dataset.num_classes
         self.loss = plugins.get("losses", cfg.loss.name)(self.num_classes, **cfg.loss.options)
         self.inferer = plugins.get("inferers", exp.predict.inferer.name)(**exp.predict.inferer.options)

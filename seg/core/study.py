@@ -9,8 +9,10 @@ Without ``labels`` every seed pretrains its own run and fine-tunes on every labe
 (``OUT/EXP/seedS/{pretrain,finetune,pred}``). With ``labels`` (label budgets, e.g. 1, 2, 4, 8):
 
 - each seed draws nested subsets of the labeled cases (:func:`label_subsets`: the 1-case set lies inside the
-  2-case set, ...), and every experiment is fine-tuned on each (``finetune.cases``; its train/validation split
-  is drawn from the subset as from all cases, so a run sees no label outside its budget);
+  2-case set, ...), and every experiment is fine-tuned on each (``finetune.cases``); with ``val_cases`` = K,
+  every run of a seed validates on the same K cases kept out of every budget (:func:`validation_cases`;
+  ``finetune.val_cases``), so a budget counts training cases; with 0, its train/validation split is drawn from
+  the subset as from all cases, so a run sees no label outside its budget;
 - every pretraining run is made once per experiment and pretraining seed (``pretrain_seeds``, default: the
   first seed) into ``OUT/EXP/pretrain-seedP`` and shared by all budgets and fine-tuning seeds
   (``OUT/EXP/pretrainP-seedS/labelsN``; without pretraining ``OUT/EXP/seedS/labelsN``);
@@ -57,6 +59,7 @@ class StudyRun:
     labels: int | None = None  # the label budget; None: every labeled case
     pretrain_seed: int | None = None  # the seed of the pretraining run it started from
     cases: tuple[str, ...] = ()  # the labeled cases of its budget (empty: all)
+    val_cases: tuple[str, ...] = ()  # validation cases kept out of every budget (empty: drawn from its cases)
     init: Path | None = None  # the pretraining run it started from
 
 
@@ -98,21 +101,37 @@ def resolve_experiments(names: list[str], overrides=()) -> list[Experiment]:
     return [load_experiment(name, experiment_overrides(name, overrides)) for name in names]
 
 
+def _permutation(names: list[str], seed: int) -> list[str]:
+    order = sorted(names)
+    np.random.default_rng([SUBSET_STREAM, seed]).shuffle(order)
+    return order
+
+
 def label_subsets(names: list[str], budgets, seed: int) -> dict[int, list[str]]:
     """Nested subsets of the labeled case ``names``, one per budget: the first n of one permutation of the sorted
     names drawn with ``numpy.random.default_rng([SUBSET_STREAM, seed])``, each returned sorted."""
-    order = sorted(names)
-    np.random.default_rng([SUBSET_STREAM, seed]).shuffle(order)
+    order = _permutation(names, seed)
     return {n: sorted(order[:n]) for n in sorted(set(budgets))}
 
 
-def check_budgets(data: Path, exp: Experiment, budgets) -> list[str]:
-    """The labeled case names of ``data``, after checking that every budget is a count it can fill."""
+def validation_cases(names: list[str], seed: int, count: int) -> list[str]:
+    """The ``count`` validation cases of ``seed``, kept out of every budget: the last ``count`` of the
+    permutation :func:`label_subsets` takes its subsets from the front of (so with ``count`` cases set aside,
+    budgets up to ``len(names) - count`` never reach them)."""
+    return sorted(_permutation(names, seed)[len(names) - count:]) if count else []
+
+
+def check_budgets(data: Path, exp: Experiment, budgets, val_cases: int = 0) -> list[str]:
+    """The labeled case names of ``data``, after checking that every budget is a count it can fill besides the
+    ``val_cases`` validation cases."""
     names = [c.name for c in open_dataset(data, unlabeled_dir=exp.unlabeled_dir).training]
+    if val_cases >= len(names):
+        raise SegError(f"--val-cases {val_cases}: expected fewer than the {len(names)} labeled cases of {data}")
     for n in budgets:
-        if n < 1 or n > len(names):
-            raise SegError(f"--labels {n}: expected a number of labeled cases from 1 to {len(names)} "
-                           f"(the labeled cases of {data})")
+        if n < 1 or n > len(names) - val_cases:
+            aside = f" besides {val_cases} validation case(s)" if val_cases else ""
+            raise SegError(f"--labels {n}: expected a number of labeled cases from 1 to {len(names) - val_cases} "
+                           f"(the labeled cases of {data}{aside})")
     return names
 
 
@@ -153,13 +172,13 @@ def run_one(name: str, seed: int, data: Path, out: Path, test: Path | None, over
 
 
 def run_budgets(name: str, seeds, budgets, pretrain_seeds, data: Path, out: Path, test: Path | None, overrides=(),
-                device: str = "auto", workers: int = 1) -> list[StudyRun]:
+                device: str = "auto", workers: int = 1, val_cases: int = 0) -> list[StudyRun]:
     """Experiment ``name`` at every fine-tuning seed, pretraining seed (when it pretrains) and label budget,
     each pretraining run made once and shared (module doc)."""
     own = experiment_overrides(name, overrides)
     held_out = held_out_cases(data, test)
     base = load_experiment(name, own)
-    names = check_budgets(data, base, budgets)
+    names = check_budgets(data, base, budgets, val_cases)
     runs = []
     for pseed in (pretrain_seeds if _ssl(base) else (None,)):
         init = None
@@ -167,24 +186,29 @@ def run_budgets(name: str, seeds, budgets, pretrain_seeds, data: Path, out: Path
             init = _pretrained(load_experiment(name, (f"seed={pseed}", *own)), Path(out) / name / f"pretrain-seed{pseed}",
                                data, device, workers)
         for seed in seeds:
+            val = validation_cases(names, seed, val_cases)
             for n, cases in label_subsets(names, budgets, seed).items():
-                exp = load_experiment(name, (f"seed={seed}", *own, f"finetune.cases={json.dumps(cases)}"))
+                exp = load_experiment(name, (f"seed={seed}", *own, f"finetune.cases={json.dumps(cases)}",
+                                             f"finetune.val_cases={json.dumps(val)}"))
                 run = f"pretrain{pseed}-seed{seed}" if pseed is not None else f"seed{seed}"
                 runs.append(_finetuned(exp, Path(out) / name / run / f"labels{n}", init, held_out, data, device,
-                                       workers, labels=n, pretrain_seed=pseed))
+                                       workers, labels=n, pretrain_seed=pseed, val_cases=tuple(val)))
     return runs
 
 
 def run_study(experiments: list[str], data: Path, out: Path, *, seeds=(0,), test: Path | None = None,
-              overrides=(), device: str = "auto", workers: int = 1, labels=None, pretrain_seeds=None) -> Path:
-    """Run every experiment at every seed (and, with ``labels``, every label budget: module doc), then write
+              overrides=(), device: str = "auto", workers: int = 1, labels=None, pretrain_seeds=None,
+              val_cases: int = 0) -> Path:
+    """Run every experiment at every seed (and, with ``labels``, every label budget, validated on ``val_cases``
+    cases per seed kept out of every budget, or within the budget when 0: module doc), then write
     ``OUT/report.md``; returns its path."""
     out, data = Path(out), Path(data)
     held_out_cases(data, test)
     if labels:
         pretrain_seeds = tuple(pretrain_seeds or seeds[:1])
         runs = [r for name in experiments
-                for r in run_budgets(name, seeds, labels, pretrain_seeds, data, out, test, overrides, device, workers)]
+                for r in run_budgets(name, seeds, labels, pretrain_seeds, data, out, test, overrides, device, workers,
+                                     val_cases)]
     else:
         runs = [run_one(name, seed, data, out, test, overrides, device, workers)
                 for name in experiments for seed in seeds]
