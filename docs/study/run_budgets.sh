@@ -17,7 +17,7 @@ pretrain() {  # one shared pretraining run, where `seg study` would make it; a l
 }
 budgets() {  # one experiment at one fine-tuning seed: budgets 1, 2 and 4
     flock "$OUT/$1.lock" true
-    seg study --experiments "$1" --data "$DATA" --out "$OUT" --seeds "$2" --pretrain-seeds 0 --labels 1,2,4
+    seg study --experiments "$1" --data "$DATA" --out "$OUT" --seeds "$2" --pretrain-seeds 0 --labels 1,2,4 --val-cases 2
 }
 export -f pretrain budgets; export DATA OUT
 
@@ -29,4 +29,4 @@ export -f pretrain budgets; export DATA OUT
 } | xargs -P 2 -I{} bash -c '{} > "$OUT/logs/$(echo {} | tr " " -).log" 2>&1'
 
 seg study --experiments "$(IFS=,; echo "${EXPS[*]}")" --data "$DATA" --out "$OUT" --seeds 0,1,2 --pretrain-seeds 0 \
-    --labels 1,2,4
+    --labels 1,2,4 --val-cases 2
