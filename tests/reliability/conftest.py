@@ -96,16 +96,6 @@ def gigantic_nifti(path: Path) -> None:
         fh.write(bytes(header) + b"\0" * 4 + b"\0" * 64)
 
 
-@pytest.fixture(scope="session")
-def smoke_run(synth_data, tmp_path_factory) -> Path:
-    """A fine-tuned smoke model (1 epoch) to predict with."""
-    out = tmp_path_factory.mktemp("reliability") / "ft"
-    result = seg_cli("run", "finetune", "-e", "smoke", "--data", synth_data, "--out", out, "--epochs", "1",
-                     "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 @pytest.fixture
 def dataset_copy(synth_data, tmp_path) -> Path:
     """A private copy of the synthetic dataset, to break."""
