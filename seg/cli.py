@@ -277,6 +277,9 @@ def evaluate(pred, gt, out, tolerance, per_case, rule):
               "subsets per seed, shared pretraining, paired comparisons")
 @click.option("--pretrain-seeds", default=None, help="with --labels: seeds of the shared pretraining runs "
               "[default: the first of --seeds]")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="training runs at a time, each in its own process with its share of the CPU cores (on one GPU, "
+              "they share it); a fine-tuning run starts once its pretraining has finished")
 @click.option("--val-cases", default=0, show_default=True, type=click.IntRange(min=0),
               help="with --labels: labeled cases per seed kept out of every budget to validate on (model "
               "selection, convergence); 0: each run validates within its budget")
@@ -284,7 +287,7 @@ def evaluate(pred, gt, out, tolerance, per_case, rule):
               help=SET_HELP + " (every experiment; pretrain.* only those that pretrain)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", default=1, show_default=True, help="preprocessing worker processes")
-def study(names, data_dir, test_dir, out, seeds, labels, pretrain_seeds, val_cases, overrides, device, workers):
+def study(names, data_dir, test_dir, out, seeds, labels, pretrain_seeds, jobs, val_cases, overrides, device, workers):
     """Pretrain, fine-tune and evaluate several experiments on the same split; write OUT/report.md."""
     from seg.core.study import resolve_experiments, run_study
 
@@ -308,7 +311,7 @@ def study(names, data_dir, test_dir, out, seeds, labels, pretrain_seeds, val_cas
     resolve_experiments(experiments_, overrides)  # fail early on a bad name or override
     report = run_study(experiments_, data_dir, out, seeds=seed_list, test=test_dir, overrides=overrides,
                        device=device, workers=workers, labels=budgets, pretrain_seeds=pretrain_list,
-                       val_cases=val_cases)
+                       val_cases=val_cases, jobs=jobs)
     console.print(f"[green]report written to {report}")
 
 

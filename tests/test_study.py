@@ -414,3 +414,29 @@ def test_cli_refuses_bad_validation_counts(tmp_path):
     assert_one_line_error(seg_cli(*common, "--labels", "1", "--val-cases", "3"), "--val-cases 3", "fewer than", code=2)
     assert_one_line_error(seg_cli(*common, "--val-cases", "1"), "--val-cases", "--labels", code=2)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_study_in_two_jobs_runs_the_same_runs_each_after_its_pretraining(budget_study, tmp_path):
+    """The budget study again with --jobs 2: the same runs, subsets and validation, every fine-tuning run
+    loading the finished shared pretraining; scores close to the one-job study (thread counts differ)."""
+    from tests.reliability.conftest import seg_cli as run_seg
+
+    out, _ = budget_study
+    data = out.parent / "data"
+    args = ["study", "--experiments", "smoke,smoke-scratch", "--data", data, "--out", tmp_path / "out", "--seeds",
+            "0,1", "--labels", "1,2", "--jobs", "2", "--device", "cpu"]
+    result = run_seg(*args, *[a for o in BUDGET_SETTINGS for a in ("--set", o)])
+    assert result.returncode == 0, result.stderr
+    one, two = (json.loads((o / "runs.json").read_text()) for o in (out, tmp_path / "out"))
+    assert [(r["experiment"], r["seed"], r["labels"], r["cases"]) for r in two] == \
+        [(r["experiment"], r["seed"], r["labels"], r["cases"]) for r in one]
+    shared = tmp_path / "out" / "smoke" / "pretrain-seed0"
+    pretrained_at = (shared / LATEST).stat().st_mtime
+    started = {}  # a run folder's config.toml is written once, when the run starts
+    for r in two:
+        log = (Path(r["folder"]) / "finetune" / "log.txt").read_text()
+        assert (f"--init {shared / LATEST}: loaded" in log) == (r["experiment"] == "smoke")
+        started.setdefault(r["experiment"], []).append((Path(r["folder"]) / "finetune" / "config.toml").stat().st_mtime)
+    assert min(started["smoke"]) >= pretrained_at  # after the pretraining finished
+    assert min(started["smoke-scratch"]) < pretrained_at  # beside it: two jobs at a time
+    assert (tmp_path / "out" / "report.md").exists()

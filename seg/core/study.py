@@ -16,6 +16,8 @@ Without ``labels`` every seed pretrains its own run and fine-tunes on every labe
 - every pretraining run is made once per experiment and pretraining seed (``pretrain_seeds``, default: the
   first seed) into ``OUT/EXP/pretrain-seedP`` and shared by all budgets and fine-tuning seeds
   (``OUT/EXP/pretrainP-seedS/labelsN``; without pretraining ``OUT/EXP/seedS/labelsN``);
+- ``jobs`` > 1 runs that many training runs at a time in worker processes (``seg.core.jobs``), each
+  fine-tuning run once the pretraining it starts from has finished;
 - the report compares each pretrained experiment with the one without pretraining, budget by budget, on
   paired units (:func:`paired_differences`) with a bootstrap interval (:func:`bootstrap_interval`).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -38,6 +41,7 @@ from seg.core.errors import DataError, SegError
 from seg.core.evaluate import evaluate_folders
 from seg.core.finetune import finetune
 from seg.core.io import write_text
+from seg.core.jobs import Task, run_tasks
 from seg.core.predict import predict_paths
 from seg.core.pretrain import pretrain
 from seg.core.train import LATEST
@@ -160,58 +164,76 @@ def _finetuned(exp: Experiment, folder: Path, init: Path | None, test: tuple[Pat
                     init=init, **fields)
 
 
-def run_one(name: str, seed: int, data: Path, out: Path, test: Path | None, overrides=(), device: str = "auto",
-            workers: int = 1) -> StudyRun:
+def _pretrain_task(name: str, overrides: tuple, folder: Path, data: Path, device: str, workers: int) -> Path:
+    return _pretrained(load_experiment(name, overrides), folder, data, device, workers)
+
+
+def _finetune_task(name: str, overrides: tuple, folder: Path, init: Path | None, test: tuple[Path, Path], data: Path,
+                   device: str, workers: int, fields: dict) -> StudyRun:
+    return _finetuned(load_experiment(name, overrides), folder, init, test, data, device, workers, **fields)
+
+
+def seed_tasks(name: str, seed: int, data: Path, out: Path, test: Path | None, overrides=(), device: str = "auto",
+               workers: int = 1) -> list[Task]:
     """Pretrain (if any), fine-tune on every labeled case, predict and evaluate one experiment at one seed (test
-    cases as in :func:`held_out_cases`)."""
-    exp = load_experiment(name, (f"seed={seed}", *experiment_overrides(name, overrides)))
-    folder = Path(out) / exp.name / f"seed{seed}"
-    init = _pretrained(exp, folder / "pretrain", data, device, workers) if _ssl(exp) else None
-    return _finetuned(exp, folder, init, held_out_cases(data, test), data, device, workers,
-                      pretrain_seed=seed if init else None)
+    cases as in :func:`held_out_cases`): the tasks, the fine-tuning one last."""
+    own = (f"seed={seed}", *experiment_overrides(name, overrides))
+    folder = Path(out) / name / f"seed{seed}"
+    tasks, init = [], None
+    if _ssl(load_experiment(name, own)):
+        init = folder / "pretrain"
+        tasks.append(Task(init, partial(_pretrain_task, name, own, init, data, device, workers), label=str(init)))
+    fields = {"pretrain_seed": seed if init else None}
+    tasks.append(Task(folder, partial(_finetune_task, name, own, folder, init, held_out_cases(data, test), data, device,
+                                      workers, fields), after=init, label=str(folder)))
+    return tasks
 
 
-def run_budgets(name: str, seeds, budgets, pretrain_seeds, data: Path, out: Path, test: Path | None, overrides=(),
-                device: str = "auto", workers: int = 1, val_cases: int = 0) -> list[StudyRun]:
+def budget_tasks(name: str, seeds, budgets, pretrain_seeds, data: Path, out: Path, test: Path | None, overrides=(),
+                 device: str = "auto", workers: int = 1, val_cases: int = 0) -> list[Task]:
     """Experiment ``name`` at every fine-tuning seed, pretraining seed (when it pretrains) and label budget,
-    each pretraining run made once and shared (module doc)."""
+    each pretraining run made once and shared (module doc): the tasks, each pretraining before its
+    fine-tunings."""
     own = experiment_overrides(name, overrides)
     held_out = held_out_cases(data, test)
     base = load_experiment(name, own)
     names = check_budgets(data, base, budgets, val_cases)
-    runs = []
+    tasks = []
     for pseed in (pretrain_seeds if _ssl(base) else (None,)):
         init = None
         if pseed is not None:
-            init = _pretrained(load_experiment(name, (f"seed={pseed}", *own)), Path(out) / name / f"pretrain-seed{pseed}",
-                               data, device, workers)
+            init = Path(out) / name / f"pretrain-seed{pseed}"
+            tasks.append(Task(init, partial(_pretrain_task, name, (f"seed={pseed}", *own), init, data, device, workers),
+                              label=str(init)))
         for seed in seeds:
             val = validation_cases(names, seed, val_cases)
             for n, cases in label_subsets(names, budgets, seed).items():
-                exp = load_experiment(name, (f"seed={seed}", *own, f"finetune.cases={json.dumps(cases)}",
-                                             f"finetune.val_cases={json.dumps(val)}"))
+                exp = (f"seed={seed}", *own, f"finetune.cases={json.dumps(cases)}", f"finetune.val_cases={json.dumps(val)}")
                 run = f"pretrain{pseed}-seed{seed}" if pseed is not None else f"seed{seed}"
-                runs.append(_finetuned(exp, Path(out) / name / run / f"labels{n}", init, held_out, data, device,
-                                       workers, labels=n, pretrain_seed=pseed, val_cases=tuple(val)))
-    return runs
+                folder = Path(out) / name / run / f"labels{n}"
+                fields = {"labels": n, "pretrain_seed": pseed, "val_cases": tuple(val)}
+                tasks.append(Task(folder, partial(_finetune_task, name, exp, folder, init, held_out, data, device,
+                                                  workers, fields), after=init, label=str(folder)))
+    return tasks
 
 
 def run_study(experiments: list[str], data: Path, out: Path, *, seeds=(0,), test: Path | None = None,
               overrides=(), device: str = "auto", workers: int = 1, labels=None, pretrain_seeds=None,
-              val_cases: int = 0) -> Path:
+              val_cases: int = 0, jobs: int = 1) -> Path:
     """Run every experiment at every seed (and, with ``labels``, every label budget, validated on ``val_cases``
-    cases per seed kept out of every budget, or within the budget when 0: module doc), then write
-    ``OUT/report.md``; returns its path."""
+    cases per seed kept out of every budget, or within the budget when 0: module doc), ``jobs`` training runs
+    at a time (``seg.core.jobs``), then write ``OUT/report.md``; returns its path."""
     out, data = Path(out), Path(data)
     held_out_cases(data, test)
     if labels:
         pretrain_seeds = tuple(pretrain_seeds or seeds[:1])
-        runs = [r for name in experiments
-                for r in run_budgets(name, seeds, labels, pretrain_seeds, data, out, test, overrides, device, workers,
-                                     val_cases)]
+        tasks = [t for name in experiments
+                 for t in budget_tasks(name, seeds, labels, pretrain_seeds, data, out, test, overrides, device, workers,
+                                       val_cases)]
     else:
-        runs = [run_one(name, seed, data, out, test, overrides, device, workers)
-                for name in experiments for seed in seeds]
+        tasks = [t for name in experiments for seed in seeds
+                 for t in seed_tasks(name, seed, data, out, test, overrides, device, workers)]
+    runs = [r for r in run_tasks(tasks, jobs) if isinstance(r, StudyRun)]
     write_text(json.dumps([attrs.asdict(r, value_serializer=_plain) for r in runs], indent=1), out / "runs.json")
     from seg.core.report import write_report
 

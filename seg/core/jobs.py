@@ -1,0 +1,77 @@
+"""Run a list of tasks, some waiting for others, N at a time in worker processes (``seg study --jobs N``).
+
+A task is a picklable call (a module-level function with its arguments) with a key, and optionally the key of
+the task it must wait for (a fine-tuning run waits for the pretraining run it starts from). With one job every
+task runs here, in list order; with N, in N spawned processes, each with ``threads`` torch threads (the cores
+divided among the jobs) and quiet consoles (every run writes its own ``log.txt``), a task starting as soon as a
+process is free and the task it waits for has finished. Results come back in list order. The first failure
+stops the pool (tasks not started are cancelled) and is raised here; Ctrl-C reaches every process, and since
+each training stage resumes, the same command continues later.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Callable, Hashable
+
+import attrs
+
+from seg.core.console import info
+
+
+@attrs.frozen
+class Task:
+    """One unit of work: ``call()`` (picklable), named ``key``, started only after the task keyed ``after``."""
+
+    key: Hashable
+    call: Callable
+    after: Hashable | None = None
+    label: str = ""  # what the progress line calls it
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """The torch threads each of ``jobs`` processes gets: the cores shared out, at least one."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, jobs))
+
+
+def _job_setup(threads: int) -> None:
+    import torch
+
+    from seg.core.console import set_quiet
+
+    torch.set_num_threads(threads)
+    set_quiet(True)
+
+
+def run_tasks(tasks: list[Task], jobs: int = 1, threads: int | None = None) -> list:
+    """Every task's result, in the order of ``tasks`` (a task's ``after`` must name an earlier task); with
+    ``jobs`` > 1 each process gets ``threads`` torch threads (default :func:`threads_per_job`)."""
+    keys = [t.key for t in tasks]
+    for i, task in enumerate(tasks):
+        if task.after is not None and task.after not in keys[:i]:
+            raise ValueError(f"task {task.key!r} waits for {task.after!r}, which is not an earlier task")
+    if jobs <= 1:
+        return [task.call() for task in tasks]
+    results, done = {}, set()
+    waiting = list(range(len(tasks)))
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads have started
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_job_setup,
+                             initargs=(threads or threads_per_job(jobs),)) as pool:
+        running = {}
+        try:
+            while waiting or running:
+                for i in [i for i in waiting if tasks[i].after is None or tasks[i].after in done]:
+                    waiting.remove(i)
+                    running[pool.submit(tasks[i].call)] = i
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    i = running.pop(future)
+                    results[i] = future.result()
+                    done.add(tasks[i].key)
+                    info(f"finished {tasks[i].label or tasks[i].key} ({len(results)} of {len(tasks)})")
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return [results[i] for i in range(len(tasks))]

@@ -1,0 +1,69 @@
+"""seg.core.jobs: tasks N at a time in worker processes, each after the task it waits for, results in order."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from seg.core.jobs import Task, run_tasks, threads_per_job
+
+
+def _stamp(folder: Path, name: str, seconds: float = 0.0) -> str:
+    """Record when the task started and ended (files named NAME.start / NAME.end hold time.monotonic())."""
+    (folder / f"{name}.start").write_text(repr(time.monotonic()))
+    time.sleep(seconds)
+    (folder / f"{name}.end").write_text(repr(time.monotonic()))
+    return name
+
+
+def _fail(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _read(folder: Path, name: str, edge: str) -> float:
+    return float((folder / f"{name}.{edge}").read_text())
+
+
+def test_tasks_wait_for_theirs_run_side_by_side_otherwise_and_return_in_order(tmp_path):
+    tasks = [Task("pre", partial(_stamp, tmp_path, "pre", 1.5)),
+             Task("free", partial(_stamp, tmp_path, "free", 0.5)),
+             Task("a", partial(_stamp, tmp_path, "a"), after="pre"),
+             Task("b", partial(_stamp, tmp_path, "b"), after="pre")]
+    assert run_tasks(tasks, jobs=2) == ["pre", "free", "a", "b"]
+    for name in ("a", "b"):
+        assert _read(tmp_path, name, "start") >= _read(tmp_path, "pre", "end")
+    assert _read(tmp_path, "free", "start") < _read(tmp_path, "pre", "end")  # two at a time: not one after another
+
+
+def test_one_job_runs_every_task_here_in_list_order(tmp_path):
+    order = []
+    tasks = [Task(k, partial(order.append, k), after=None if k == 1 else k - 1) for k in (1, 2, 3)]
+    run_tasks(tasks, jobs=1)
+    assert order == [1, 2, 3]
+
+
+def test_a_failing_task_is_raised_and_its_dependants_never_start(tmp_path):
+    tasks = [Task("bad", partial(_fail, "broken pretraining")), Task("after", partial(_stamp, tmp_path, "after"),
+                                                                     after="bad")]
+    with pytest.raises(RuntimeError, match="broken pretraining"):
+        run_tasks(tasks, jobs=2)
+    assert not (tmp_path / "after.start").exists()
+
+
+def test_workers_share_the_cores_out():
+    assert run_tasks([Task(i, _threads) for i in range(2)], jobs=2, threads=3) == [3, 3]
+    assert threads_per_job(2, cores=16) == 8 and threads_per_job(3, cores=2) == 1 and threads_per_job(1, cores=4) == 4
+
+
+def test_a_task_must_wait_for_an_earlier_one():
+    with pytest.raises(ValueError, match="'a' waits for 'b'"):
+        run_tasks([Task("a", print, after="b"), Task("b", print)])
