@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from seg.core.jobs import Task, run_tasks, threads_per_job
+from seg.core.jobs import Task, run_in_order, run_tasks, threads_per_job
 
 
 def _stamp(folder: Path, name: str, seconds: float = 0.0) -> str:
@@ -67,3 +67,11 @@ def test_workers_share_the_cores_out():
 def test_a_task_must_wait_for_an_earlier_one():
     with pytest.raises(ValueError, match="'a' waits for 'b'"):
         run_tasks([Task("a", print, after="b"), Task("b", print)])
+
+
+def test_tasks_start_in_their_order_and_results_keep_the_list_order():
+    started = []
+    tasks = [Task(k, partial(started.append, k) , order=o) for k, o in (("a", (1, 2)), ("b", (0,)), ("c", (1, 0)))]
+    assert run_in_order(tasks) == [None, None, None] and started == ["b", "c", "a"]
+    tasks = [Task(k, partial(str.upper, k), order=o) for k, o in (("a", (1,)), ("b", (0,)))]
+    assert run_in_order(tasks, jobs=2) == ["A", "B"]

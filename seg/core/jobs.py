@@ -29,6 +29,15 @@ class Task:
     call: Callable
     after: Hashable | None = None
     label: str = ""  # what the progress line calls it
+    order: tuple = ()  # where it runs among the tasks (run_in_order); results keep the list's order
+
+
+def run_in_order(tasks: list[Task], jobs: int = 1) -> list:
+    """:func:`run_tasks` with the tasks started in the order of their ``order`` (ties: list order; a task's
+    ``order`` must not put it before the task it waits for); the results in the order of ``tasks``."""
+    ordered = sorted(tasks, key=lambda t: t.order)
+    results = dict(zip([t.key for t in ordered], run_tasks(ordered, jobs)))
+    return [results[t.key] for t in tasks]
 
 
 def threads_per_job(jobs: int, cores: int | None = None) -> int:

@@ -41,7 +41,7 @@ from seg.core.errors import DataError, SegError
 from seg.core.evaluate import evaluate_folders
 from seg.core.finetune import finetune
 from seg.core.io import write_text
-from seg.core.jobs import Task, run_tasks
+from seg.core.jobs import Task, run_in_order
 from seg.core.predict import predict_paths
 from seg.core.pretrain import pretrain
 from seg.core.train import LATEST
@@ -193,7 +193,7 @@ def budget_tasks(name: str, seeds, budgets, pretrain_seeds, data: Path, out: Pat
                  device: str = "auto", workers: int = 1, val_cases: int = 0) -> list[Task]:
     """Experiment ``name`` at every fine-tuning seed, pretraining seed (when it pretrains) and label budget,
     each pretraining run made once and shared (module doc): the tasks, each pretraining before its
-    fine-tunings."""
+    fine-tunings; they run pretraining first, then seed by seed (a study stopped early holds whole seeds)."""
     own = experiment_overrides(name, overrides)
     held_out = held_out_cases(data, test)
     base = load_experiment(name, own)
@@ -204,7 +204,7 @@ def budget_tasks(name: str, seeds, budgets, pretrain_seeds, data: Path, out: Pat
         if pseed is not None:
             init = Path(out) / name / f"pretrain-seed{pseed}"
             tasks.append(Task(init, partial(_pretrain_task, name, (f"seed={pseed}", *own), init, data, device, workers),
-                              label=str(init)))
+                              label=str(init), order=(0,)))
         for seed in seeds:
             val = validation_cases(names, seed, val_cases)
             for n, cases in label_subsets(names, budgets, seed).items():
@@ -213,7 +213,7 @@ def budget_tasks(name: str, seeds, budgets, pretrain_seeds, data: Path, out: Pat
                 folder = Path(out) / name / run / f"labels{n}"
                 fields = {"labels": n, "pretrain_seed": pseed, "val_cases": tuple(val)}
                 tasks.append(Task(folder, partial(_finetune_task, name, exp, folder, init, held_out, data, device,
-                                                  workers, fields), after=init, label=str(folder)))
+                                                  workers, fields), after=init, label=str(folder), order=(1, seed)))
     return tasks
 
 
@@ -233,7 +233,7 @@ def run_study(experiments: list[str], data: Path, out: Path, *, seeds=(0,), test
     else:
         tasks = [t for name in experiments for seed in seeds
                  for t in seed_tasks(name, seed, data, out, test, overrides, device, workers)]
-    runs = [r for r in run_tasks(tasks, jobs) if isinstance(r, StudyRun)]
+    runs = [r for r in run_in_order(tasks, jobs) if isinstance(r, StudyRun)]
     write_text(json.dumps([attrs.asdict(r, value_serializer=_plain) for r in runs], indent=1), out / "runs.json")
     from seg.core.report import write_report
 
