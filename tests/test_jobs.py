@@ -75,3 +75,12 @@ def test_tasks_start_in_their_order_and_results_keep_the_list_order():
     assert run_in_order(tasks) == [None, None, None] and started == ["b", "c", "a"]
     tasks = [Task(k, partial(str.upper, k), order=o) for k, o in (("a", (1,)), ("b", (0,)))]
     assert run_in_order(tasks, jobs=2) == ["A", "B"]
+
+
+def test_a_ready_task_never_overtakes_an_earlier_one_that_was_waiting(tmp_path):
+    """"late" waits for "pre"; "free" is ready at once but comes after "late" in the list: with one process busy
+    on "pre" and the other on "first", "free" must not be queued ahead of "late"."""
+    tasks = [Task("pre", partial(_stamp, tmp_path, "pre", 1.0)), Task("first", partial(_stamp, tmp_path, "first", 3.0)),
+             Task("late", partial(_stamp, tmp_path, "late"), after="pre"), Task("free", partial(_stamp, tmp_path, "free"))]
+    run_tasks(tasks, jobs=2)
+    assert _read(tmp_path, "late", "start") < _read(tmp_path, "free", "start")

@@ -4,7 +4,7 @@ A task is a picklable call (a module-level function with its arguments) with a k
 the task it must wait for (a fine-tuning run waits for the pretraining run it starts from). With one job every
 task runs here, in list order; with N, in N spawned processes, each with ``threads`` torch threads (the cores
 divided among the jobs) and quiet consoles (every run writes its own ``log.txt``), a task starting as soon as a
-process is free and the task it waits for has finished. Results come back in list order. The first failure
+process is free and the task it waits for has finished, the earliest in the list first. Results come back in list order. The first failure
 stops the pool (tasks not started are cancelled) and is raised here; Ctrl-C reaches every process, and since
 each training stage resumes, the same command continues later.
 """
@@ -71,7 +71,8 @@ def run_tasks(tasks: list[Task], jobs: int = 1, threads: int | None = None) -> l
         running = {}
         try:
             while waiting or running:
-                for i in [i for i in waiting if tasks[i].after is None or tasks[i].after in done]:
+                ready = [i for i in waiting if tasks[i].after is None or tasks[i].after in done]
+                for i in ready[:jobs - len(running)]:  # no more than a free process each: the pool's queue is FIFO
                     waiting.remove(i)
                     running[pool.submit(tasks[i].call)] = i
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
