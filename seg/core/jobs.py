@@ -18,7 +18,7 @@ from typing import Callable, Hashable
 
 import attrs
 
-from seg.core.console import info
+from seg.core.console import info, progress_bar
 
 
 @attrs.frozen
@@ -67,7 +67,8 @@ def run_tasks(tasks: list[Task], jobs: int = 1, threads: int | None = None) -> l
     waiting = list(range(len(tasks)))
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads have started
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_job_setup,
-                             initargs=(threads or threads_per_job(jobs),)) as pool:
+                             initargs=(threads or threads_per_job(jobs),)) as pool, \
+            progress_bar(f"{len(tasks)} runs, {jobs} at a time", len(tasks)) as advance:
         running = {}
         try:
             while waiting or running:
@@ -81,6 +82,7 @@ def run_tasks(tasks: list[Task], jobs: int = 1, threads: int | None = None) -> l
                     results[i] = future.result()
                     done.add(tasks[i].key)
                     info(f"finished {tasks[i].label or tasks[i].key} ({len(results)} of {len(tasks)})")
+                    advance()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
