@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import seg.core.study as study_module
-from seg.core.report import adrenal_verdict, organ_table
+from seg.core.report import adrenal_verdict, last_quarter_gain, organ_table
 from seg.core.config import load_experiment
 from seg.core.errors import ConfigError
 from seg.core.finetune import training_and_validation
@@ -440,3 +440,20 @@ def test_a_study_in_two_jobs_runs_the_same_runs_each_after_its_pretraining(budge
     assert min(started["smoke"]) >= pretrained_at  # after the pretraining finished
     assert min(started["smoke-scratch"]) < pretrained_at  # beside it: two jobs at a time
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_last_quarter_gain_is_the_rise_of_the_best_validation_score(tmp_path):
+    """Epochs 1-8, validation every 2: the mark is epoch 6. Before it the best is 0.60 (a dip to 0.55 at the
+    mark); after it 0.58 and 0.605: the best rose by 0.005, not the 0.055 from the dip."""
+    history = [{"epoch": e, "loss": 1.0} for e in range(1, 9)]
+    for row, score in zip(history[1::2], (0.50, 0.60, 0.55, 0.605)):
+        row["val_mean_dice"] = score
+    history[6]["val_mean_dice"] = 0.58  # epoch 7
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "metrics.json").write_text(json.dumps(history))
+    run = StudyRun("e", 0, tmp_path, {})
+    assert last_quarter_gain(run) == pytest.approx(0.005)
+    (tmp_path / "finetune" / "metrics.json").write_text(json.dumps(history[:6]))  # nothing after the mark (4.5)
+    assert last_quarter_gain(run) == pytest.approx(0.55 - 0.60)
+    (tmp_path / "finetune" / "metrics.json").write_text(json.dumps([{"epoch": 1, "loss": 1.0}]))
+    assert last_quarter_gain(run) is None

@@ -76,8 +76,9 @@ def _organ_markdown(organs, table, note) -> str:
 
 
 def last_quarter_gain(run) -> float | None:
-    """How much the fine-tuning run's validation mean Dice rose over its last quarter of epochs: the best score
-    after 3/4 of the epochs minus the last score at or before it (None without two such validations)."""
+    """How much the fine-tuning run's best validation mean Dice rose over its last quarter of epochs: the best
+    score after 3/4 of the epochs minus the best at or before it (None without a validation on each side). The
+    best so far, not the last score: a noisy dip just before the mark followed by a recovery is no improvement."""
     path = run.folder / "finetune" / "metrics.json"
     if not path.exists():
         return None
@@ -88,7 +89,7 @@ def last_quarter_gain(run) -> float | None:
     mark = 0.75 * max(r["epoch"] for r in history)
     before = [r["val_mean_dice"] for r in rows if r["epoch"] <= mark]
     after = [r["val_mean_dice"] for r in rows if r["epoch"] > mark]
-    return max(after) - before[-1] if before and after else None
+    return max(after) - max(before) if before and after else None
 
 
 def _seed_markdown(runs) -> str:
@@ -315,6 +316,10 @@ def _curves(plt, runs, figures: Path) -> str:
                 label = f"{run.experiment} s{run.seed}" + ("" if run.pretrain_seed is None or run.labels is None
                                                            else f" p{run.pretrain_seed}")
                 ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=label, marker=".")
+        epochs = [json.loads((r.folder / "finetune" / "metrics.json").read_text())[-1]["epoch"]
+                  for r in runs if r.labels == labels and (r.folder / "finetune" / "metrics.json").exists()]
+        if epochs:  # the last quarter, over which a converged run gains less than CONVERGED
+            axes[row][1].axvline(0.75 * max(epochs), color="grey", linestyle="--", linewidth=0.8)
         budget = "every labeled case" if labels is None else f"{labels} labeled case(s)"
         titles += [f"fine-tuning loss, {budget}", f"validation mean Dice, {budget}"]
     for ax, title in zip(axes.flat, titles):
