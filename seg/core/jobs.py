@@ -4,9 +4,10 @@ A task is a picklable call (a module-level function with its arguments) with a k
 the task it must wait for (a fine-tuning run waits for the pretraining run it starts from). With one job every
 task runs here, in list order; with N, in N spawned processes, each with ``threads`` torch threads (the cores
 divided among the jobs) and quiet consoles (every run writes its own ``log.txt``), a task starting as soon as a
-process is free and the task it waits for has finished, the earliest in the list first. Results come back in list order. The first failure
-stops the pool (tasks not started are cancelled) and is raised here; Ctrl-C reaches every process, and since
-each training stage resumes, the same command continues later.
+process is free and the task it waits for has finished, the earliest in the list first. Results come back in
+list order. The first failure stops the pool (tasks not started are cancelled; running ones finish) and is
+raised here; Ctrl-C reaches every process of the terminal's group, and since each training stage resumes, the
+same command continues later.
 """
 
 from __future__ import annotations
