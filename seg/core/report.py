@@ -109,8 +109,8 @@ def _seed_markdown(runs) -> str:
             lines.append(f"| **{name}** | | | | mean ± sd | " + " | ".join(f"{100 * m:.1f} ± {100 * s:.1f}"
                                                                            for m, s in cells) + " | |")
     return "\n".join(lines) + (f"\n\nValidation gain: the best validation mean Dice (points) after 3/4 of the "
-                               f"epochs minus the last one before; a run gaining {100 * CONVERGED:.0f} point or "
-                               f"more is marked not converged.\n")
+                               f"epochs minus the best before (figures/curves.png marks the last quarter); a run gaining "
+                               f"{100 * CONVERGED:.0f} point or more is marked not converged.\n")
 
 
 def adrenal_verdict(runs) -> str:
