@@ -93,3 +93,16 @@ def test_resolved_toml_round_trips(tmp_path):
     scratch = config.load_experiment("flare22-scratch-vnet")
     path.write_text(config.experiment_toml(scratch))
     assert config.load_experiment(str(path)) == scratch
+
+
+def test_stage_differences_name_what_the_stage_reads_and_nothing_else():
+    saved = config.load_experiment("smoke")
+    assert config.stage_differences(saved, config.load_experiment("smoke"), "finetune") == []
+    lr = config.load_experiment("smoke", ("finetune.optimizer.lr=0.5", "pretrain.epochs=7", "description=x"))
+    assert config.stage_differences(saved, lr, "finetune") == [
+        f"finetune.optimizer.lr ({saved.finetune.optimizer.lr!r} there, 0.5 now)"]
+    assert config.stage_differences(saved, lr, "pretrain") == [f"pretrain.epochs ({saved.pretrain.epochs!r} there, 7 now)"]
+    both = config.load_experiment("smoke", ("seed=3", "backbone.options.base_channels=5"))
+    for stage in ("pretrain", "finetune"):
+        assert [d.split(" ")[0] for d in config.stage_differences(saved, both, stage)] == [
+            "backbone.options.base_channels", "seed"]

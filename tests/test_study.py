@@ -341,6 +341,14 @@ def test_a_rerun_continues_partially_trained_runs_from_their_latest_checkpoint(t
     assert (pretrain_run / LATEST).stat().st_mtime_ns == finished  # a finished run is not touched
     assert (tmp_path / "out/report.md").exists()
 
+    # a changed fine-tuning setting keeps the pretraining (it does not read it) and refuses the old fine-tuning
+    with pytest.raises(ConfigError, match=r"labels1/finetune: made with other settings, finetune\.epochs \(3 there, 4 "
+                                          r"now\); give seg study another --out"):
+        run_study(*args, **options, overrides=("finetune.epochs=4",))
+    assert (pretrain_run / LATEST).stat().st_mtime_ns == finished
+    with pytest.raises(ConfigError, match=r"pretrain-seed0: made with other settings, pretrain\.optimizer\.lr"):
+        run_study(*args, **options, overrides=("pretrain.optimizer.lr=0.5",))
+
 
 def test_pretraining_overrides_skip_experiments_without_pretraining():
     overrides = ("pretrain.probe_every=1", "finetune.epochs=2")

@@ -316,6 +316,27 @@ def to_dict(exp: Experiment) -> dict:
     return attrs.asdict(exp, recurse=True)
 
 
+#: what each training stage's weights do not depend on: pretraining never reads ``finetune`` or ``predict``
+#: (its probe does, with the run's own saved values), fine-tuning never reads ``pretrain`` (it starts from a
+#: checkpoint), and no stage reads ``name`` or ``description``
+_NOT_READ = {"pretrain": ("name", "description", "finetune", "predict"), "finetune": ("name", "description", "pretrain")}
+
+
+def _differences(saved, wanted, key: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return [d for k in sorted(set(saved) | set(wanted))
+                for d in _differences(saved.get(k), wanted.get(k), f"{key}.{k}" if key else k)]
+    return [] if saved == wanted else [f"{key} ({saved!r} there, {wanted!r} now)"]
+
+
+def stage_differences(saved: Experiment, wanted: Experiment, stage: str) -> list[str]:
+    """The settings training stage ``stage`` ("pretrain" or "finetune") reads where ``wanted`` differs from
+    ``saved`` (a run's ``config.toml``), each as ``"dotted.key (saved there, wanted now)"``; empty: the run
+    is the one ``wanted`` asks for."""
+    plain = [{k: v for k, v in to_dict(e).items() if k not in _NOT_READ[stage]} for e in (saved, wanted)]
+    return _differences(*plain, "")
+
+
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -34,16 +34,17 @@ import attrs
 import numpy as np
 
 from seg.core.checkpoint import load_checkpoint
-from seg.core.config import Experiment, load_experiment
+from seg.core.config import Experiment, load_experiment, stage_differences
 from seg.core.console import info
 from seg.core.dataset import open_dataset
-from seg.core.errors import DataError, SegError
+from seg.core.errors import ConfigError, DataError, SegError
 from seg.core.evaluate import evaluate_folders
 from seg.core.finetune import finetune
 from seg.core.io import write_text
 from seg.core.jobs import Task, run_in_order
 from seg.core.predict import predict_paths
 from seg.core.pretrain import pretrain
+from seg.core.runs import CONFIG
 from seg.core.train import LATEST
 
 #: the numpy seed-sequence stream of the label subsets (kept apart from every other draw made with a seed)
@@ -71,11 +72,17 @@ def _finished(run: Path, epochs: int) -> bool:
     return (run / LATEST).exists() and load_checkpoint(run / LATEST, mmap=True)["epoch"] >= epochs
 
 
-def _stage(function, run: Path, exp, epochs: int, **kwargs) -> None:
-    """Run a training stage into ``run``: resume an interrupted one, skip a finished one."""
+def _stage(function, stage: str, run: Path, exp, epochs: int, **kwargs) -> None:
+    """Run a training stage into ``run``: resume an interrupted one, skip a finished one, refuse one made with
+    other settings (a changed experiment would otherwise keep its old runs unnoticed)."""
     if not (run / LATEST).exists():
         function(out=run, exp=exp, **kwargs)
-    elif not _finished(run, epochs):
+        return
+    changed = stage_differences(load_experiment(str(run / CONFIG)), exp, stage)
+    if changed:
+        raise ConfigError(f"{run}: made with other settings, {'; '.join(changed[:3])}"
+                          f"{' ...' if len(changed) > 3 else ''}; give seg study another --out, or delete the run")
+    if not _finished(run, epochs):
         function(out=run, exp=None, resume=True, **kwargs)
 
 
@@ -145,7 +152,7 @@ def _ssl(exp: Experiment) -> str | None:
 
 def _pretrained(exp: Experiment, folder: Path, data: Path, device: str, workers: int) -> Path:
     info(f"[bold]{exp.name} seed {exp.seed}: pretraining ({_ssl(exp)})")
-    _stage(pretrain, folder, exp, exp.pretrain.epochs, data=data, device=device, workers=workers)
+    _stage(pretrain, "pretrain", folder, exp, exp.pretrain.epochs, data=data, device=device, workers=workers)
     return folder
 
 
@@ -154,7 +161,7 @@ def _finetuned(exp: Experiment, folder: Path, init: Path | None, test: tuple[Pat
     """Fine-tune into ``folder/finetune``, predict and evaluate the test cases; the run's record."""
     budget = f", {len(exp.finetune.cases)} labeled case(s)" if exp.finetune.cases else ""
     info(f"[bold]{exp.name} seed {exp.seed}{budget}: fine-tuning")
-    _stage(finetune, folder / "finetune", exp, exp.finetune.epochs, init=init, data=data, device=device,
+    _stage(finetune, "finetune", folder / "finetune", exp, exp.finetune.epochs, init=init, data=data, device=device,
            workers=workers)
     predict_paths(test[0], folder / "pred", folder / "finetune", preview=True, device=device)
     report = evaluate_folders(folder / "pred", test[1])
