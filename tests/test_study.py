@@ -16,7 +16,7 @@ import pytest
 import seg.core.study as study_module
 from seg.core.report import adrenal_verdict, last_quarter_gain, organ_table
 from seg.core.config import load_experiment
-from seg.core.errors import ConfigError
+from seg.core.errors import ConfigError, SegError
 from seg.core.finetune import training_and_validation
 from seg.core.study import (StudyRun, bootstrap_interval, experiment_overrides, label_subsets, paired_differences,
                             resolve_experiments, run_study, validation_cases, verdict)
@@ -231,14 +231,62 @@ def test_paired_differences_on_a_fixed_table_by_hand():
     # case means (liver + pancreas) / 2, pre minus base, units ordered (pretraining seed, seed, case):
     # seed 0: a 0.60-0.50, b 0.45-0.50, c 0.60-0.425; seed 1: a 0.525-0.35, b 0.575-0.50, c 0.475-0.50
     expect = [0.10, -0.05, 0.175, 0.175, 0.075, -0.025]
-    np.testing.assert_allclose(paired_differences(rows, "pre", "base", 2), expect, atol=1e-12)
+    np.testing.assert_allclose(paired_differences(rows, "pre", "base", 2), np.reshape(expect, (2, 3)), atol=1e-12)
     np.testing.assert_allclose(paired_differences(rows, "pre", "base", 2, ["pancreas"]),
-                               [0.10, -0.20, 0.40, 0.10, 0.20, -0.10], atol=1e-12)
-    np.testing.assert_allclose(paired_differences(rows, "pre", "base", 4), [0.0] * 6, atol=1e-12)
+                               [[0.10, -0.20, 0.40], [0.10, 0.20, -0.10]], atol=1e-12)
+    np.testing.assert_allclose(paired_differences(rows, "pre", "base", 4), np.zeros((2, 3)), atol=1e-12)
+    with pytest.raises(SegError, match="scores.csv: no score for case c at pretraining seed 0, seed 1"):
+        paired_differences([r for r in rows if (r["experiment"], r["seed"], r["case"]) != ("pre", 1, "c")],
+                           "pre", "base", 2)
+
+
+def reference_crossed_interval(table, seed=0, resamples=10_000, level=0.95):
+    """An independent crossed bootstrap: the documented draws (rows, then columns), every resample's mean summed
+    by hand over its rows x columns, quantiles interpolated as ``reference_interval`` does."""
+    table = [[float(v) for v in row] for row in table]
+    r, c = len(table), len(table[0])
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(0, r, size=(resamples, r)).tolist(), rng.integers(0, c, size=(resamples, c)).tolist()
+    means = [sum(table[i][j] for i in ri for j in cj) / (r * c) for ri, cj in zip(rows, cols)]
+    mean = sum(map(sum, table)) / (r * c)
+    ordered = sorted(means)
+
+    def quantile(q):
+        position = q * (len(ordered) - 1)
+        low = math.floor(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return mean, quantile((1 - level) / 2), quantile((1 + level) / 2)
+
+
+def test_crossed_bootstrap_equals_an_independent_implementation_with_the_same_draws():
+    table = paired_differences(_table(), "pre", "base", 2)
+    got = bootstrap_interval(table)
+    assert got == pytest.approx(reference_crossed_interval(table), abs=1e-12)
+    assert got[0] == pytest.approx(0.075) and got[1] < 0.075 < got[2]
+    assert bootstrap_interval(table, seed=3) == pytest.approx(reference_crossed_interval(table, seed=3), abs=1e-12)
+    wide = [[0.1, 0.3, -0.2, 0.0, 0.05], [0.2, 0.25, 0.1, -0.1, 0.3], [-0.3, 0.0, 0.1, 0.2, 0.15]]
+    assert bootstrap_interval(wide, resamples=2000) == pytest.approx(
+        reference_crossed_interval(wide, resamples=2000), abs=1e-12)
+
+
+def test_crossed_bootstrap_matches_the_exact_distribution_and_keeps_the_seed_spread():
+    table = [[0.4, 0.1], [-0.2, 0.3]]  # 4 row draws x 4 column draws: 16 equally likely resamples, enumerated
+    means = sorted(sum(table[i][j] for i in ri for j in cj) / 4
+                   for ri in itertools.product(range(2), repeat=2) for cj in itertools.product(range(2), repeat=2))
+    _, low, high = bootstrap_interval(table, resamples=40_000)
+    assert means[0] <= low <= means[1] and means[-2] <= high <= means[-1]  # 2.5 % and 97.5 % of 16 outcomes
+    # one seed's subset helps every case and the other's hurts every case: the units look like 8 independent
+    # draws centred on 0, but with two seeds the effect is not resolved beyond "anywhere in [-1, 1]"
+    seeds = [[1.0, 1.1, 0.9, 1.0], [-1.0, -0.9, -1.1, -1.0]]
+    _, unit_low, unit_high = bootstrap_interval(np.ravel(seeds))
+    _, low, high = bootstrap_interval(seeds)
+    assert high - low > 1.3 * (unit_high - unit_low) and low < -0.9 and high > 0.9
 
 
 def test_bootstrap_interval_equals_an_independent_implementation_with_the_same_draws():
-    diffs = paired_differences(_table(), "pre", "base", 2)
+    diffs = paired_differences(_table(), "pre", "base", 2).ravel()
     got = bootstrap_interval(diffs)
     assert got == pytest.approx(reference_interval(diffs), abs=1e-12)
     assert got[0] == pytest.approx(0.075) and got[1] < 0.075 < got[2]
@@ -278,9 +326,10 @@ def test_report_shows_the_paired_intervals_recomputed_from_scores_csv(budget_stu
             key = (r["experiment"], r["seed"], r["case"])
             if r["labels"] == labels:
                 units.setdefault(key, []).append(float(r["dsc"]))
-        diffs = [statistics.fmean(units[("smoke", s, c)]) - statistics.fmean(units[("smoke-scratch", s, c)])
-                 for (e, s, c) in sorted(units) if e == "smoke"]
-        mean, low, high = reference_interval(diffs)
+        seeds, cases = sorted({s for _, s, _ in units}), sorted({c for _, _, c in units})
+        diffs = [[statistics.fmean(units[("smoke", s, c)]) - statistics.fmean(units[("smoke-scratch", s, c)])
+                  for c in cases] for s in seeds]
+        mean, low, high = reference_crossed_interval(diffs)
         row = paired[(labels, "mean")]
         assert (float(row["difference"]), float(row["low"]), float(row["high"])) == pytest.approx(
             (mean, low, high), abs=1e-6)

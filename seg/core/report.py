@@ -19,7 +19,7 @@ import numpy as np
 
 from seg.core.evaluate import SHORT_NAMES, flare22_value
 from seg.core.io import atomic_path, write_text
-from seg.core.study import bootstrap_interval, case_values, paired_differences, verdict
+from seg.core.study import bootstrap_interval, case_values, paired_differences, unit_table, verdict
 
 ADRENALS = ("right_adrenal_gland", "left_adrenal_gland")
 #: the small organs of the paper's finding, by FLARE22 label value
@@ -183,10 +183,11 @@ def organ_groups(rows) -> dict[str, list[str] | None]:
 
 def learning_curve(rows, experiment: str, organs=None) -> dict:
     """Per label budget of ``experiment``: (mean, low, high) over its (pretraining seed, seed, test case) units of
-    the case's mean DSC over ``organs`` (None: every organ)."""
+    the case's mean DSC over ``organs`` (None: every organ), the interval resampling seeds and cases."""
     values = case_values(rows, organs)
     budgets = sorted({k[3] for k in values if k[0] == experiment}, key=_budget_key)
-    return {n: bootstrap_interval([v for k, v in values.items() if k[0] == experiment and k[3] == n]) for n in budgets}
+    return {n: bootstrap_interval(unit_table({(p, s, c): v for (e, p, s, b, c), v in values.items()
+                                              if e == experiment and b == n})) for n in budgets}
 
 
 def _budget_key(labels: str) -> float:
@@ -206,7 +207,7 @@ def paired_table(rows, runs) -> list[dict]:
                 diffs = paired_differences(rows, name, baselines[0], labels or "all", organs)
                 mean, low, high = bootstrap_interval(diffs)
                 table.append({"experiment": name, "baseline": baselines[0], "labels": labels or "all", "organs": group,
-                              "units": len(diffs), "difference": mean, "low": low, "high": high,
+                              "units": diffs.size, "difference": mean, "low": low, "high": high,
                               "verdict": verdict(low, high)})
     return table
 
@@ -233,8 +234,9 @@ def _paired_markdown(table: list[dict]) -> str:
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(bold) + " |")
     return "\n".join(lines) + (
         "\n\nDSC points (pretrained minus no pretraining) on paired units: the same fine-tuning seed, label subset "
-        "and test case (one unit per pretraining seed, seed and case). Intervals: percentile bootstrap over the "
-        "units (10 000 resamples, numpy seed 0). The verdict reads the interval only: \"helps\" when it lies above "
+        "and test case (one unit per pretraining seed, seed and case). Intervals: percentile bootstrap resampling "
+        "the seeds and the test cases independently (crossed: every seed is scored on the same cases; 10 000 "
+        "resamples, numpy seed 0). The verdict reads the interval only: \"helps\" when it lies above "
         "0, \"hurts\" when below, else \"no difference resolved\". Every row: `paired.csv`.\n")
 
 

@@ -256,16 +256,42 @@ def _plain(inst, field, value):
 
 
 def bootstrap_interval(values, *, level: float = 0.95, resamples: int = RESAMPLES, seed: int = 0):
-    """(mean, low, high): the mean of ``values`` and its percentile bootstrap interval. The resamples are
-    ``values[rng.integers(0, n, size=(resamples, n))]`` with ``rng = numpy.random.default_rng(seed)``; the bounds
-    are ``numpy.quantile`` (linear) of the resample means at ``(1 - level) / 2`` and ``(1 + level) / 2``."""
+    """(mean, low, high): the mean of ``values`` and its percentile bootstrap interval; the bounds are
+    ``numpy.quantile`` (linear) of the resample means at ``(1 - level) / 2`` and ``(1 + level) / 2``, with
+    ``rng = numpy.random.default_rng(seed)``.
+
+    1-D ``values`` (independent units): resample ``values[rng.integers(0, n, size=(resamples, n))]``.
+    2-D ``values`` (rows: runs, one per pretraining seed and fine-tuning seed; columns: test cases): rows and
+    columns are resampled independently, ``rows = rng.integers(0, r, size=(resamples, r))`` and then
+    ``cols = rng.integers(0, c, size=(resamples, c))``, each resample's mean being that of
+    ``values[rows[k]][:, cols[k]]`` (the crossed, or "pigeonhole", bootstrap, Owen 2007). Both the seed (which
+    cases get labeled) and the test case are random, and every seed is scored on the same cases, so the units
+    of one row or one column are not independent: a bootstrap over units would narrow the interval by ignoring
+    the seed-to-seed spread."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         raise ValueError("bootstrap_interval: no values")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    if values.ndim == 1:
+        means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    else:
+        (r, c), draws = values.shape, np.arange(resamples)[:, None]
+        rows = np.bincount((rng.integers(0, r, size=(resamples, r)) + r * draws).ravel(), minlength=resamples * r)
+        cols = np.bincount((rng.integers(0, c, size=(resamples, c)) + c * draws).ravel(), minlength=resamples * c)
+        means = np.einsum("ki,ij,kj->k", rows.reshape(resamples, r), values, cols.reshape(resamples, c)) / (r * c)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(values.mean()), float(low), float(high)
+
+
+def unit_table(values: dict[tuple, float]) -> np.ndarray:
+    """``{(pretraining seed, seed, case): value}`` as the 2-D table :func:`bootstrap_interval` resamples: one
+    row per (pretraining seed, seed), one column per case, both sorted. Every row must hold every case."""
+    runs, cases = sorted({k[:2] for k in values}), sorted({k[2] for k in values})
+    missing = [(*run, case) for run in runs for case in cases if (*run, case) not in values]
+    if missing:
+        raise SegError(f"scores.csv: no score for case {missing[0][2]} at pretraining seed {missing[0][0] or '-'}, "
+                       f"seed {missing[0][1]}; every run must score the same test cases")
+    return np.array([[values[(*run, case)] for case in cases] for run in runs], dtype=np.float64)
 
 
 def verdict(low: float, high: float) -> str:
@@ -289,14 +315,14 @@ def case_values(rows, organs=None, metric: str = "dsc") -> dict[tuple, float]:
 
 def paired_differences(rows, experiment: str, baseline: str, labels, organs=None, metric: str = "dsc"):
     """``experiment`` minus ``baseline`` on paired units: the same fine-tuning seed, label budget (hence subset)
-    and test case; one unit per (pretraining seed, seed, case) of ``experiment``. Returns the differences, in
-    unit order."""
+    and test case; one unit per (pretraining seed, seed, case) of ``experiment``. Returns them as
+    :func:`unit_table` lays them out (rows: pretraining seed and seed; columns: cases)."""
     values = case_values(rows, organs, metric)
     base = {(s, n, c): v for (e, _, s, n, c), v in values.items() if e == baseline}
-    diffs = []
-    for (e, p, s, n, c), v in sorted(values.items()):
+    diffs = {}
+    for (e, p, s, n, c), v in values.items():
         if e == experiment and n == str(labels):
             if (s, n, c) not in base:
                 raise SegError(f"no {baseline} run scored case {c} at seed {s} with {n} labeled cases to pair with")
-            diffs.append(v - base[(s, n, c)])
-    return np.asarray(diffs)
+            diffs[(p, s, c)] = v - base[(s, n, c)]
+    return unit_table(diffs) if diffs else np.zeros((0, 0))
