@@ -80,10 +80,12 @@ def last_quarter_gain(run) -> float | None:
     score after 3/4 of the epochs minus the best at or before it (None without a validation on each side). The
     best so far, not the last score: a noisy dip just before the mark followed by a recovery is no improvement."""
     path = run.folder / "finetune" / "metrics.json"
-    if not path.exists():
-        return None
-    history = json.loads(path.read_text())
-    rows = [r for r in history if "val_mean_dice" in r]
+    return history_gain(json.loads(path.read_text())) if path.exists() else None
+
+
+def history_gain(history: list[dict]) -> float | None:
+    """:func:`last_quarter_gain` of a run's ``metrics.json`` records (also what ``bench_convergence`` prints)."""
+    rows = [r for r in history if r.get("val_mean_dice") is not None]
     if not rows:
         return None
     mark = 0.75 * max(r["epoch"] for r in history)
