@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import seg.core.study as study_module
-from seg.core.report import adrenal_verdict, last_quarter_gain, organ_table
+from seg.core.report import adrenal_verdict, last_quarter_gain, organ_table, seed_markdown
 from seg.core.config import load_experiment
 from seg.core.errors import ConfigError, SegError
 from seg.core.finetune import training_and_validation
@@ -514,3 +514,28 @@ def test_last_quarter_gain_is_the_rise_of_the_best_validation_score(tmp_path):
     assert last_quarter_gain(run) == pytest.approx(0.55 - 0.60)
     (tmp_path / "finetune" / "metrics.json").write_text(json.dumps([{"epoch": 1, "loss": 1.0}]))
     assert last_quarter_gain(run) is None
+
+
+def test_per_run_table_counts_converged_runs_and_training_compute(tmp_path):
+    """Two fine-tuning runs from one shared pretraining: one converged (+0.5 points), one not (+2.0), 1800 and
+    5400 training CPU-s; the pretraining (3600 CPU-s) is counted once."""
+    def run_folder(name, cpu, scores):
+        folder = tmp_path / name
+        history = [{"epoch": e, "train_cpu_s": cpu * e / 8} for e in range(1, 9)]
+        for row, score in zip(history[1::2], scores):
+            row["val_mean_dice"] = score
+        (folder / "finetune").mkdir(parents=True)
+        (folder / "finetune" / "metrics.json").write_text(json.dumps(history))
+        return folder
+
+    pretraining = tmp_path / "pretrain"
+    pretraining.mkdir()
+    (pretraining / "metrics.json").write_text(json.dumps([{"epoch": 1, "train_cpu_s": 3600.0}]))
+    scores = {"liver": {"dsc": 0.5, "nsd": 0.5}, "right_adrenal_gland": {"dsc": 0.1, "nsd": 0.1}}
+    runs = [StudyRun("pre", 0, run_folder("a", 1800.0, (0.5, 0.6, 0.55, 0.605)), scores, "pcrl", 1, init=pretraining),
+            StudyRun("pre", 1, run_folder("b", 5400.0, (0.5, 0.6, 0.55, 0.62)), scores, "pcrl", 1, init=pretraining)]
+    text = seed_markdown(runs)
+    assert "| +0.5 | 1800 |" in text and "| +2.0 (not converged) | 5400 |" in text
+    assert ("Converged: 1 of 2 fine-tuning runs with a validation curve; largest last-quarter gain of the others "
+            "+2.0 points. Training compute: 2.00 CPU-hours of fine-tuning over 2 runs (median 3600 CPU-s), 1.00 "
+            "CPU-hours of pretraining over 1 runs (each shared run counted once).") in text

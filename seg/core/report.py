@@ -94,25 +94,55 @@ def history_gain(history: list[dict]) -> float | None:
     return max(after) - max(before) if before and after else None
 
 
-def _seed_markdown(runs) -> str:
+def training_cpu_seconds(run_dir: Path) -> float | None:
+    """The training CPU-seconds a stage's run folder spent (its last ``train_cpu_s``; None if it has none)."""
+    path = Path(run_dir) / "metrics.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    return float(history[-1]["train_cpu_s"]) if history and "train_cpu_s" in history[-1] else None
+
+
+def _compute_summary(runs) -> str:
+    """How many fine-tuning runs converged, and the training compute of the study (shared pretraining once)."""
+    gains = [last_quarter_gain(r) for r in runs]
+    measured = [g for g in gains if g is not None]
+    open_runs = [g for g in measured if g >= CONVERGED]
+    text = (f"Converged: {len(measured) - len(open_runs)} of {len(measured)} fine-tuning runs with a validation "
+            f"curve" + (f"; largest last-quarter gain of the others {100 * max(open_runs):+.1f} points" if open_runs
+                        else "") + ". ")
+    finetune = [c for c in (training_cpu_seconds(r.folder / "finetune") for r in runs) if c is not None]
+    pretrain = [c for c in (training_cpu_seconds(p) for p in dict.fromkeys(r.init for r in runs if r.init))
+                if c is not None]
+    if finetune:
+        text += (f"Training compute: {sum(finetune) / 3600:.2f} CPU-hours of fine-tuning over {len(finetune)} runs "
+                 f"(median {statistics.median(finetune):.0f} CPU-s)")
+        text += (f", {sum(pretrain) / 3600:.2f} CPU-hours of pretraining over {len(pretrain)} runs (each shared run "
+                 f"counted once)." if pretrain else ".")
+    return text + "\n"
+
+
+def seed_markdown(runs) -> str:
+    """The per-run table: scores, convergence and training CPU-s of every run, then the study's totals."""
     lines = ["| experiment | pretraining | pretraining seed | seed | labeled cases | mean DSC | mean NSD | adrenal DSC "
-             "| validation gain, last quarter |", "|---" * 9 + "|"]
+             "| validation gain, last quarter | training CPU-s |", "|---" * 10 + "|"]
     for r in runs:
         gain = last_quarter_gain(r)
         flag = "" if gain is None or gain < CONVERGED else " (not converged)"
+        cpu = training_cpu_seconds(r.folder / "finetune")
         lines.append(f"| {r.experiment} | {r.pretrain or 'none'} | {'-' if r.pretrain_seed is None else r.pretrain_seed}"
                      f" | {r.seed} | {r.labels or 'all'} | {100 * _overall(r, 'dsc'):.1f} | {100 * _overall(r, 'nsd'):.1f}"
-                     f" | {100 * _adrenal(r):.1f} | {'-' if gain is None else f'{100 * gain:+.1f}'}{flag} |")
+                     f" | {100 * _adrenal(r):.1f} | {'-' if gain is None else f'{100 * gain:+.1f}'}{flag} | "
+                     f"{'-' if cpu is None else f'{cpu:.0f}'} |")
     for name in dict.fromkeys(map(_group, runs)):
         mine = [r for r in runs if _group(r) == name]
         if len(mine) > 1:
             cells = [_mean_std([f(r) for r in mine]) for f in
                      (lambda r: _overall(r, "dsc"), lambda r: _overall(r, "nsd"), _adrenal)]
             lines.append(f"| **{name}** | | | | mean ± sd | " + " | ".join(f"{100 * m:.1f} ± {100 * s:.1f}"
-                                                                           for m, s in cells) + " | |")
+                                                                           for m, s in cells) + " | | |")
     return "\n".join(lines) + (f"\n\nValidation gain: the best validation mean Dice (points) after 3/4 of the "
                                f"epochs minus the best before (figures/curves.png marks the last quarter); a run gaining "
-                               f"{100 * CONVERGED:.0f} point or more is marked not converged.\n")
+                               f"{100 * CONVERGED:.0f} point or more is marked not converged. Training CPU-s: the "
+                               f"fine-tuning steps' process CPU time (validation excluded).\n\n" + _compute_summary(runs))
 
 
 def adrenal_verdict(runs) -> str:
@@ -408,7 +438,7 @@ def write_report(runs, out: Path, command: str | None = None) -> Path:
     parts += [
         "## Dice similarity coefficient (DSC)\n", _organ_markdown(organs, dsc, note),
         "## Normalized surface Dice (NSD)\n", _organ_markdown(organs, nsd, note),
-        "## Per run\n", _seed_markdown(runs),
+        "## Per run\n", seed_markdown(runs),
     ]
     if not budgets:
         parts += ["## The paper's finding: pretraining helps the small organs (adrenal glands)\n",
