@@ -34,9 +34,12 @@ from tests.reliability.conftest import (EPOCHS, committed_entries, listing, same
 
 
 def _start(*args) -> subprocess.Popen:
-    """``seg -q ARGS`` in its own process group (a terminal's Ctrl-C reaches the whole group)."""
+    """``seg -q ARGS`` in its own process group (a terminal's Ctrl-C reaches the whole group), with SIGINT's
+    default action as in a terminal: a shell's background job (``nohup pytest &``) inherits SIGINT ignored, and
+    Python then never raises KeyboardInterrupt, so the Ctrl-C tests would test the launching shell."""
     return subprocess.Popen([sys.executable, "-m", "seg", "-q", *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _interrupt_when(proc: subprocess.Popen, reached, sig: int, timeout: float = 300.0):
