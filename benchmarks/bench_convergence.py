@@ -12,7 +12,7 @@ number of steps, in fresh processes with the same thread count. What differs is 
 - ablations of the recipe, one choice undone each: ``no-class-sampling`` (``class_share = 0``),
   ``no-augmentation``, ``per-sample-dice`` (Dice per sample with background, instead of over the batch).
 
-Printed per arm, from each run's metrics.csv: the training CPU-seconds (process CPU time of the training
+Printed per arm, from each run's metrics.json: the training CPU-seconds (process CPU time of the training
 steps, validation excluded) and wall seconds until validation mean Dice first reached 0.5 and 0.7, the best
 and final validation mean Dice, the gain over the last quarter of training (as the study report measures it:
 the best score after 3/4 of the epochs minus the best before; converged: < 1 point), and the
@@ -30,7 +30,6 @@ benchmark resumes (``seg run finetune --resume``) rather than starting over.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -73,9 +72,8 @@ def first_reaching(rows: list[dict], level: float, key: str) -> float | None:
 
 
 def summarise(run: Path) -> dict:
-    """Time-to-accuracy figures of one run's metrics.csv."""
-    with open(run / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    """Time-to-accuracy figures of one run's metrics.json."""
+    rows = json.loads((run / "metrics.json").read_text())
     scored = [r for r in rows if r.get("val_mean_dice") not in (None, "")]
     values = [float(r["val_mean_dice"]) for r in scored]
     waits = [float(r.get("data_wait") or 0) for r in rows]
@@ -83,7 +81,7 @@ def summarise(run: Path) -> dict:
             "wall_to_0.5": first_reaching(rows, 0.5, "train_wall_s"),
             "wall_to_0.7": first_reaching(rows, 0.7, "train_wall_s"),
             "best": max(values), "final": values[-1],
-            "gain_last_quarter": history_gain(json.loads((run / "metrics.json").read_text())),
+            "gain_last_quarter": history_gain(rows),
             "train_cpu_s": float(rows[-1]["train_cpu_s"]), "train_wall_s": float(rows[-1]["train_wall_s"]),
             "data_wait": sum(waits) / len(waits)}
 

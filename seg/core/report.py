@@ -101,15 +101,15 @@ def training_cpu_seconds(run_dir: Path) -> float | None:
     return float(history[-1]["train_cpu_s"]) if history and "train_cpu_s" in history[-1] else None
 
 
-def _compute_summary(runs) -> str:
-    """How many fine-tuning runs converged, and the training compute of the study (shared pretraining once)."""
-    gains = [last_quarter_gain(r) for r in runs]
+def _compute_summary(runs, gains: list, cpus: list) -> str:
+    """How many fine-tuning runs converged (``gains``), and the training compute of the study (``cpus`` of the
+    fine-tuning runs; each shared pretraining run read and counted once)."""
     measured = [g for g in gains if g is not None]
     open_runs = [g for g in measured if g >= CONVERGED]
     text = (f"Converged: {len(measured) - len(open_runs)} of {len(measured)} fine-tuning runs with a validation "
             f"curve" + (f"; largest last-quarter gain of the others {100 * max(open_runs):+.1f} points" if open_runs
                         else "") + ". ")
-    finetune = [c for c in (training_cpu_seconds(r.folder / "finetune") for r in runs) if c is not None]
+    finetune = [c for c in cpus if c is not None]
     pretrain = [c for c in (training_cpu_seconds(p) for p in dict.fromkeys(r.init for r in runs if r.init))
                 if c is not None]
     if finetune:
@@ -124,10 +124,10 @@ def seed_markdown(runs) -> str:
     """The per-run table: scores, convergence and training CPU-s of every run, then the study's totals."""
     lines = ["| experiment | pretraining | pretraining seed | seed | labeled cases | mean DSC | mean NSD | adrenal DSC "
              "| validation gain, last quarter | training CPU-s |", "|---" * 10 + "|"]
-    for r in runs:
-        gain = last_quarter_gain(r)
+    gains = [last_quarter_gain(r) for r in runs]
+    cpus = [training_cpu_seconds(r.folder / "finetune") for r in runs]
+    for r, gain, cpu in zip(runs, gains, cpus):
         flag = "" if gain is None or gain < CONVERGED else " (not converged)"
-        cpu = training_cpu_seconds(r.folder / "finetune")
         lines.append(f"| {r.experiment} | {r.pretrain or 'none'} | {'-' if r.pretrain_seed is None else r.pretrain_seed}"
                      f" | {r.seed} | {r.labels or 'all'} | {100 * _overall(r, 'dsc'):.1f} | {100 * _overall(r, 'nsd'):.1f}"
                      f" | {100 * _adrenal(r):.1f} | {'-' if gain is None else f'{100 * gain:+.1f}'}{flag} | "
@@ -142,7 +142,7 @@ def seed_markdown(runs) -> str:
     return "\n".join(lines) + (f"\n\nValidation gain: the best validation mean Dice (points) after 3/4 of the "
                                f"epochs minus the best before (figures/curves.png marks the last quarter); a run gaining "
                                f"{100 * CONVERGED:.0f} point or more is marked not converged. Training CPU-s: the "
-                               f"fine-tuning steps' process CPU time (validation excluded).\n\n" + _compute_summary(runs))
+                               f"fine-tuning steps' process CPU time (validation excluded).\n\n" + _compute_summary(runs, gains, cpus))
 
 
 def adrenal_verdict(runs) -> str:
