@@ -75,12 +75,17 @@ def _organ_markdown(organs, table, note) -> str:
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
+def _history(run_dir: Path) -> list[dict]:
+    """A stage's run folder's ``metrics.json`` records, one per epoch ([] before its first epoch)."""
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def last_quarter_gain(run) -> float | None:
     """How much the fine-tuning run's best validation mean Dice rose over its last quarter of epochs: the best
     score after 3/4 of the epochs minus the best at or before it (None without a validation on each side). The
     best so far, not the last score: a noisy dip just before the mark followed by a recovery is no improvement."""
-    path = run.folder / "finetune" / "metrics.json"
-    return history_gain(json.loads(path.read_text())) if path.exists() else None
+    return history_gain(_history(run.folder / "finetune"))
 
 
 def history_gain(history: list[dict]) -> float | None:
@@ -96,8 +101,7 @@ def history_gain(history: list[dict]) -> float | None:
 
 def training_cpu_seconds(run_dir: Path) -> float | None:
     """The training CPU-seconds a stage's run folder spent (its last ``train_cpu_s``; None if it has none)."""
-    path = Path(run_dir) / "metrics.json"
-    history = json.loads(path.read_text()) if path.exists() else []
+    history = _history(run_dir)
     return float(history[-1]["train_cpu_s"]) if history and "train_cpu_s" in history[-1] else None
 
 
@@ -330,8 +334,8 @@ def _learning_curves(plt, rows, runs, figures: Path) -> str:
     return "![learning curves](figures/learning_curves.png)\n"
 
 
-def _metric_rows(path: Path, key: str) -> list[dict]:
-    return [r for r in json.loads(path.read_text()) if key in r] if path.exists() else []
+def _metric_rows(run_dir: Path, key: str) -> list[dict]:
+    return [r for r in _history(run_dir) if key in r]
 
 
 def _curves(plt, runs, figures: Path) -> str:
@@ -340,13 +344,13 @@ def _curves(plt, runs, figures: Path) -> str:
     fig, axes = plt.subplots(1 + len(budgets), 2, figsize=(12, 3.6 * (1 + len(budgets))), squeeze=False)
     for name, seed, folder in pretrained:
         for ax, key in zip(axes[0], ("loss", "probe_dice")):
-            rows = _metric_rows(Path(folder) / "metrics.json", key)
+            rows = _metric_rows(Path(folder), key)
             ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=f"{name} s{seed}", marker=".")
     titles = ["pretraining loss", "probe: validation mean Dice after a short fine-tuning (probe_every)"]
     for row, labels in enumerate(budgets, start=1):
         for run in (r for r in runs if r.labels == labels):
             for ax, key in zip(axes[row], ("loss", "val_mean_dice")):
-                rows = _metric_rows(run.folder / "finetune" / "metrics.json", key)
+                rows = _metric_rows(run.folder / "finetune", key)
                 label = f"{run.experiment} s{run.seed}" + ("" if run.pretrain_seed is None or run.labels is None
                                                            else f" p{run.pretrain_seed}")
                 ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=label, marker=".")
