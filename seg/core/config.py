@@ -117,6 +117,8 @@ class Finetune:
     checkpoint_every: int = 1
     cases: list[str] = attrs.field(factory=list)  # labeled cases that take part (a label budget); []: all
     val_cases: list[str] = attrs.field(factory=list)  # validate on these, kept out of training; []: split `cases`
+    # the forward pass: auto = fp16 AMP on CUDA; bf16 on CUDA; the CPU trains at fp32 (seg.core.train docstring)
+    precision: str = attrs.field(default="auto", validator=attrs.validators.in_(["auto", "fp16", "bf16", "fp32"]))
 
 
 @attrs.frozen

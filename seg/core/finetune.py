@@ -2,7 +2,8 @@
 
 Patches as in the paper (whole slices, a random run of slices along the body axis, each holding some
 foreground; optionally class-aware, ``seg.core.patches``) made in a background thread, augmented on the
-training device (``seg.core.augment``), the configured loss, optimizer and schedule, validation on held-out
+training device (``seg.core.augment``), the configured loss, optimizer, schedule and precision (the forward
+pass only: augmentation and loss stay float32, ``seg.core.train``), validation on held-out
 cases through the real inferer every ``val_every`` epochs, ``checkpoint_latest`` / ``checkpoint_best``.
 """
 
@@ -28,7 +29,7 @@ from seg.core.model import build_backbone, describe_backbone, load_pretrained
 from seg.core.modelfile import training_record
 from seg.core.patches import LabeledPatches
 from seg.core.runs import open_run_dir
-from seg.core.train import BEST, build_optimizer, seed_everything, stage_loop
+from seg.core.train import BEST, build_optimizer, full_precision, seed_everything, stage_loop
 
 
 def split_cases(names: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -134,6 +135,7 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
                 "labels": json.dumps(dataset.labels), **training_record(exp, dataset)}
         loop = stage_loop(cfg, cases=len(train), run_dir=out, module=model, optimizer=optimizer, device=dev,
                           generator=generator, meta=meta, epochs=epochs)
+        info(f"training at {loop.precision}")
         best = {"score": -1.0}
         if resume:
             loop.resume()
@@ -147,8 +149,11 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         def compute_loss(batch):
             images, labels, seed = batch
             x, y = torch.from_numpy(images).to(dev), torch.from_numpy(labels).to(dev)
-            x, y = augment_batch(x, y, cfg.augment, seed)
-            return loss_fn(model(x), y), {}
+            with full_precision(dev):
+                x, y = augment_batch(x, y, cfg.augment, seed)
+            logits = model(x)  # at the loop's precision
+            with full_precision(dev):
+                return loss_fn(logits.float(), y), {}
 
         def on_epoch_end(epoch: int):
             if epoch % cfg.val_every and epoch != loop.epochs:

@@ -1,9 +1,18 @@
 """The one training loop shared by pretraining and fine-tuning.
 
-The stage supplies ``compute_loss() -> (loss, metrics)`` for one batch; the loop owns the optimizer step
-(with AMP on CUDA), the scheduler, per-epoch metrics files, atomic checkpoints and exact resume: a
-checkpoint holds the module, optimizer, scheduler, scaler, epoch and every RNG state, so a run resumed from
-it ends with the same weights as one that never stopped (on CPU with a fixed seed).
+The stage supplies ``compute_loss() -> (loss, metrics)`` for one batch; the loop owns the optimizer step,
+the scheduler, per-epoch metrics files, atomic checkpoints and exact resume: a checkpoint holds the module,
+optimizer, scheduler, scaler, epoch and every RNG state, so a run resumed from it ends with the same weights
+as one that never stopped (on CPU with a fixed seed).
+
+Precision (the stage's ``precision``, :func:`training_precision`): on CUDA ``compute_loss`` runs under
+autocast at fp16 with a gradient scaler (``auto``) or at bf16 (no scaler: bfloat16 has float32's range;
+fp16 where the GPU lacks bfloat16). On the CPU training is always fp32: torch's CPU bfloat16 ``conv3d``
+weight gradient (torch 2.13, oneDNN 3.12) is wrong at small spatial sizes, by up to 1e20 times the gradient
+and differently on identical calls (``benchmarks/bf16_grad_check.py``); the study V-Net's deepest level hits
+it: 5 of 7 fine-tuning tries of 150 steps or more turned NaN within 170 steps. Weights, gradients and optimizer
+state stay float32 throughout. A stage keeps the work that must stay exact out of autocast
+(:func:`full_precision`): fine-tuning's augmentation and loss.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from seg.core.checkpoint import load_checkpoint, save_checkpoint
 from seg.core.config import Optimizer
 from seg.core.console import info, progress_bar
 from seg.core.errors import CheckpointError, SegError
+from seg.core.inference import PRECISIONS, autocast_context, resolve_precision
 from seg.core.io import OutputError, write_text
 from seg.core.loader import Prefetcher
 from seg.core.schedules import build_scheduler
@@ -74,16 +84,37 @@ def build_optimizer(parameters, cfg: Optimizer) -> torch.optim.Optimizer:
                            nesterov=cfg.nesterov)
 
 
+def training_precision(precision: str, device: torch.device) -> str:
+    """The precision a training stage runs at on ``device`` for a requested ``auto|fp32|fp16|bf16`` (module
+    docstring: fp32 on the CPU whatever is asked, saying so when it was fp16 or bf16)."""
+    if torch.device(device).type == "cuda":
+        return resolve_precision(precision, device)
+    resolve_precision(precision, device)  # the same one-line error for a value that is none of these
+    if precision in ("fp16", "bf16"):
+        info(f"precision {precision}: training on the CPU runs at fp32 (torch's CPU bfloat16 conv3d weight "
+             "gradients are wrong; seg.core.train)")
+    return "fp32"
+
+
+def full_precision(device: torch.device):
+    """A context inside ``compute_loss`` that runs at float32 whatever the loop's precision (autocast off):
+    augmentation (a bfloat16 sampling grid is off by up to half a voxel at 64 voxels) and losses. Cast the
+    network's output with ``.float()`` on entering it."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def stage_loop(cfg, *, cases: int, run_dir: Path, module: torch.nn.Module, optimizer, device: torch.device,
                generator: np.random.Generator, meta: dict, epochs: int | None = None) -> "TrainingLoop":
-    """The loop for a stage config (``Pretrain`` or ``Finetune``): its scheduler and epochs, and by default one
-    pass over ``cases`` per epoch across all ranks (``steps_per_epoch`` overrides)."""
+    """The loop for a stage config (``Pretrain`` or ``Finetune``): its scheduler, epochs and precision
+    (``auto`` where the stage has none), and by default one pass over ``cases`` per epoch across all ranks
+    (``steps_per_epoch`` overrides)."""
     steps = cfg.steps_per_epoch or max(1, cases // (cfg.batch_size * distributed.world_size()))
     epochs = cfg.epochs if epochs is None else epochs
     return TrainingLoop(run_dir=Path(run_dir), module=module, optimizer=optimizer,
                         scheduler=build_scheduler(optimizer, cfg.scheduler, epochs), device=device,
                         epochs=epochs, steps_per_epoch=steps,
-                        generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every)
+                        generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every,
+                        precision=training_precision(getattr(cfg, "precision", "auto"), device))
 
 
 class NonFiniteLoss(SegError):
@@ -96,18 +127,20 @@ class TrainingLoop:
     """Epochs of ``steps_per_epoch`` optimizer steps, with checkpoints in ``run_dir``.
 
     ``module`` is what gets checkpointed (the network, or the SSL task that owns it); ``meta`` is plain data
-    stored in every checkpoint (resolved config, backbone description, labels).
+    stored in every checkpoint (resolved config, backbone description, labels); ``precision``: ``fp32``,
+    ``fp16`` or ``bf16`` is run as given, ``auto`` resolves by :func:`training_precision`.
     """
 
     def __init__(self, *, run_dir: Path, module: torch.nn.Module, optimizer, scheduler, device: torch.device,
                  epochs: int, steps_per_epoch: int, generator: np.random.Generator, meta: dict,
-                 checkpoint_every: int = 1):
+                 checkpoint_every: int = 1, precision: str = "auto"):
         self.run_dir = Path(run_dir)
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = device
-        self.amp = device.type == "cuda"
+        self.precision = precision if precision in PRECISIONS else training_precision(precision, device)
+        self.amp = self.precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
@@ -205,7 +238,7 @@ class TrainingLoop:
                     source = stack.enter_context(Prefetcher(batches, self.steps_per_epoch)) if batches else None
                     for _ in range(self.steps_per_epoch):
                         self.optimizer.zero_grad(set_to_none=True)
-                        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                        with autocast_context(self.device, self.precision):
                             loss, metrics = compute_loss(source.next()) if source else compute_loss()
                         if not torch.isfinite(loss):
                             raise NonFiniteLoss(f"{self.run_dir}: loss became {loss.item()} at epoch "
