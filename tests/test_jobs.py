@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -84,3 +88,51 @@ def test_a_ready_task_never_overtakes_an_earlier_one_that_was_waiting(tmp_path):
              Task("late", partial(_stamp, tmp_path, "late"), after="pre"), Task("free", partial(_stamp, tmp_path, "free"))]
     run_tasks(tasks, jobs=2)
     assert _read(tmp_path, "late", "start") < _read(tmp_path, "free", "start")
+
+
+LINGERING_STUDY = '''
+import os, sys, time
+from functools import partial
+from pathlib import Path
+from seg.core.jobs import Task, run_tasks
+
+def linger(folder):
+    (Path(folder) / f"{os.getpid()}.pid").write_text("")
+    time.sleep(120)
+
+if __name__ == "__main__":
+    run_tasks([Task(i, partial(linger, sys.argv[1])) for i in range(2)], jobs=2)
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_workers_do_not_outlive_a_killed_parent(tmp_path):
+    script = tmp_path / "lingering.py"
+    script.write_text(LINGERING_STUDY)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("*.pid"))) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.2)
+        workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        assert all(_alive(pid) for pid in workers)
+        parent.kill()  # SIGKILL: no handler of the parent's runs
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers), "a worker outlived the killed study"
+    finally:
+        parent.kill()
+        for pid in [int(p.stem) for p in tmp_path.glob("*.pid")]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -7,13 +7,18 @@ divided among the jobs) and quiet consoles (every run writes its own ``log.txt``
 process is free and the task it waits for has finished, the earliest in the list first. Results come back in
 list order. The first failure stops the pool (tasks not started are cancelled; running ones finish) and is
 raised here; Ctrl-C reaches every process of the terminal's group, and since each training stage resumes, the
-same command continues later.
+same command continues later. A worker does not outlive the process that started it: killed any other way
+(``kill``, a job scheduler, an out-of-memory kill), the workers get SIGTERM too (Linux), rather than training
+on unseen into the run folders a restarted study resumes from.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable, Hashable
 
@@ -46,7 +51,18 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // max(1, jobs))
 
 
-def _job_setup(threads: int) -> None:
+def _die_with(parent: int) -> None:
+    """Have this process get SIGTERM when ``parent`` exits (Linux's PR_SET_PDEATHSIG; elsewhere nothing), and
+    exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _job_setup(threads: int, parent: int) -> None:
+    _die_with(parent)
     import torch
 
     from seg.core.console import set_quiet
@@ -68,7 +84,7 @@ def run_tasks(tasks: list[Task], jobs: int = 1, threads: int | None = None) -> l
     waiting = list(range(len(tasks)))
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads have started
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_job_setup,
-                             initargs=(threads or threads_per_job(jobs),)) as pool, \
+                             initargs=(threads or threads_per_job(jobs), os.getpid())) as pool, \
             progress_bar(f"{len(tasks)} runs, {jobs} at a time", len(tasks)) as advance:
         running = {}
         try:
