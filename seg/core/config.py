@@ -115,6 +115,8 @@ class Finetune:
     val_fraction: float = 0.2
     val_every: int = 10
     checkpoint_every: int = 1
+    # validate and ship a moving average of the weights with this decay (seg.core.averaging); 0: the weights
+    ema: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)])
     cases: list[str] = attrs.field(factory=list)  # labeled cases that take part (a label budget); []: all
     val_cases: list[str] = attrs.field(factory=list)  # validate on these, kept out of training; []: split `cases`
     # the forward pass: auto = fp16 AMP on CUDA; bf16 on CUDA; the CPU trains at fp32 (seg.core.train docstring)

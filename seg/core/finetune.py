@@ -5,6 +5,8 @@ foreground; optionally class-aware, ``seg.core.patches``) made in a background t
 training device (``seg.core.augment``), the configured loss, optimizer, schedule and precision (the forward
 pass only: augmentation and loss stay float32, ``seg.core.train``), validation on held-out
 cases through the real inferer every ``val_every`` epochs, ``checkpoint_latest`` / ``checkpoint_best``.
+With ``ema`` the model validated, selected and shipped is a moving average of the weights
+(``seg.core.averaging``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from seg.core import distributed, plugins
 from seg.core.augment import augment_batch
+from seg.core.averaging import WeightAverage
 from seg.core.config import Experiment, experiment_toml
 from rich.table import Table
 
@@ -133,8 +136,10 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         optimizer = build_optimizer(network.parameters(), cfg.optimizer)
         meta = {"kind": "finetune", "config": experiment_toml(exp), "backbone": described,
                 "labels": json.dumps(dataset.labels), **training_record(exp, dataset)}
+        average = WeightAverage(network, cfg.ema) if cfg.ema else None
+        scored = average.network if average else network  # the network validated, selected and returned
         loop = stage_loop(cfg, cases=len(train), run_dir=out, module=model, optimizer=optimizer, device=dev,
-                          generator=generator, meta=meta, epochs=epochs)
+                          generator=generator, meta=meta, epochs=epochs, average=average)
         info(f"training at {loop.precision}")
         best = {"score": -1.0}
         if resume:
@@ -158,7 +163,7 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         def on_epoch_end(epoch: int):
             if epoch % cfg.val_every and epoch != loop.epochs:
                 return None
-            scores = validate(network, val, inferer, dev, num_classes)
+            scores = validate(scored, val, inferer, dev, num_classes)
             scores["val_mean_dice"] = float(np.mean(list(scores.values())))
             if scores["val_mean_dice"] > best["score"]:
                 best["score"] = scores["val_mean_dice"]
@@ -171,4 +176,4 @@ def finetune(data: Path, out: Path, exp: Experiment | None, *, init: Path | None
         if distributed.is_main():
             show_validation(loop.history, dataset.organ_names)
     distributed.barrier()
-    return network
+    return scored

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from seg.core import distributed
+from seg.core.averaging import WeightAverage
 from seg.core.checkpoint import load_checkpoint, save_checkpoint
 from seg.core.config import Optimizer
 from seg.core.console import info, progress_bar
@@ -104,17 +105,18 @@ def full_precision(device: torch.device):
 
 
 def stage_loop(cfg, *, cases: int, run_dir: Path, module: torch.nn.Module, optimizer, device: torch.device,
-               generator: np.random.Generator, meta: dict, epochs: int | None = None) -> "TrainingLoop":
+               generator: np.random.Generator, meta: dict, epochs: int | None = None,
+               average: WeightAverage | None = None) -> "TrainingLoop":
     """The loop for a stage config (``Pretrain`` or ``Finetune``): its scheduler, epochs and precision
     (``auto`` where the stage has none), and by default one pass over ``cases`` per epoch across all ranks
-    (``steps_per_epoch`` overrides)."""
+    (``steps_per_epoch`` overrides); ``average``, if any, follows the module's weights."""
     steps = cfg.steps_per_epoch or max(1, cases // (cfg.batch_size * distributed.world_size()))
     epochs = cfg.epochs if epochs is None else epochs
     return TrainingLoop(run_dir=Path(run_dir), module=module, optimizer=optimizer,
                         scheduler=build_scheduler(optimizer, cfg.scheduler, epochs), device=device,
                         epochs=epochs, steps_per_epoch=steps,
                         generator=generator, meta=meta, checkpoint_every=cfg.checkpoint_every,
-                        precision=training_precision(getattr(cfg, "precision", "auto"), device))
+                        precision=training_precision(getattr(cfg, "precision", "auto"), device), average=average)
 
 
 class NonFiniteLoss(SegError):
@@ -128,12 +130,14 @@ class TrainingLoop:
 
     ``module`` is what gets checkpointed (the network, or the SSL task that owns it); ``meta`` is plain data
     stored in every checkpoint (resolved config, backbone description, labels); ``precision``: ``fp32``,
-    ``fp16`` or ``bf16`` is run as given, ``auto`` resolves by :func:`training_precision`.
+    ``fp16`` or ``bf16`` is run as given, ``auto`` resolves by :func:`training_precision`. With an
+    ``average`` (``seg.core.averaging``), it is updated after every optimizer step and a checkpoint's
+    ``model`` holds the averaged weights (what inference loads), ``training_model`` the module's own.
     """
 
     def __init__(self, *, run_dir: Path, module: torch.nn.Module, optimizer, scheduler, device: torch.device,
                  epochs: int, steps_per_epoch: int, generator: np.random.Generator, meta: dict,
-                 checkpoint_every: int = 1, precision: str = "auto"):
+                 checkpoint_every: int = 1, precision: str = "auto", average: WeightAverage | None = None):
         self.run_dir = Path(run_dir)
         self.module = module
         self.optimizer = optimizer
@@ -147,15 +151,19 @@ class TrainingLoop:
         self.generator = generator
         self.meta = meta
         self.checkpoint_every = max(1, checkpoint_every)
+        self.average = average
         self.epoch = 0
         self.history: list[dict] = []
 
     def state(self) -> dict:
         """The full checkpoint payload."""
         module = getattr(self.module, "module", self.module)  # unwrap DistributedDataParallel
+        weights = {"model": module.state_dict()}
+        if self.average is not None:
+            weights = {"model": self.average.state_dict(), "training_model": weights["model"]}
         return {
             **self.meta,
-            "model": module.state_dict(),
+            **weights,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -183,7 +191,9 @@ class TrainingLoop:
             raise CheckpointError(f"{path}: a {state.get('kind')} checkpoint; cannot resume a {self.meta.get('kind')} run")
         module = getattr(self.module, "module", self.module)
         try:
-            module.load_state_dict(state["model"])
+            module.load_state_dict(state.get("training_model", state["model"]))
+            if self.average is not None:
+                self.average.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
         self.optimizer.load_state_dict(state["optimizer"])
@@ -246,6 +256,8 @@ class TrainingLoop:
                         self.scaler.scale(loss).backward()
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
+                        if self.average is not None:
+                            self.average.update(self.module)
                         if after_step is not None:
                             after_step()
                         for key, value in {"loss": loss.item(), **metrics}.items():
