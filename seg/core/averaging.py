@@ -8,8 +8,8 @@ for every parameter and floating-point buffer (batch norm's running statistics);
 norm's step counter) are copied. ``1 / (1 - d)`` steps is the average's memory: 0.99 remembers about 100.
 
 Why: on a few labeled cases the raw weights' validation Dice moves a point or more between checks while the
-learning rate is still high (the study's runs, docs/training.md), so model selection and the convergence
-check read noise; the average is what the weights are oscillating around. Polyak averaging as timm's ``ModelEmaV2`` does it
+learning rate is still high (docs/study/README.md), so model selection and the convergence check read noise;
+the average is what the weights oscillate around. Polyak averaging as timm's ``ModelEmaV2`` does it
 (``torch.optim.swa_utils.AveragedModel`` would also average integer buffers).
 """
 
