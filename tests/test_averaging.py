@@ -22,19 +22,20 @@ def test_the_average_is_the_hand_computed_moving_average():
     decay = 0.8
     expected = {k: v.double().numpy().copy() for k, v in network.state_dict().items()}
     average = WeightAverage(network, decay)
-    for step in range(4):
+    for step in range(50):  # through the warm-up: d_t = t / (t + 9) reaches 0.8 at t = 36
         with torch.no_grad():
             for tensor in network.state_dict().values():  # new weights, running statistics and counter
                 tensor.copy_(torch.randn(tensor.shape) * 3 if tensor.is_floating_point() else tensor + step + 1)
         average.update(network)
+        d = min(decay, (step + 1) / (step + 10))
         for key, value in network.state_dict().items():
             new = value.double().numpy()
-            expected[key] = decay * expected[key] + (1 - decay) * new if value.is_floating_point() else new
+            expected[key] = d * expected[key] + (1 - d) * new if value.is_floating_point() else new
     got = average.state_dict()
     assert set(got) == set(expected)
     for key, value in expected.items():
         np.testing.assert_allclose(got[key].double().numpy(), value, rtol=1e-6, atol=1e-6, err_msg=key)
-    assert int(got["1.num_batches_tracked"]) == 1 + 2 + 3 + 4  # copied, not averaged
+    assert int(got["1.num_batches_tracked"]) == sum(range(1, 51))  # copied, not averaged
     assert not average.network.training and not any(p.requires_grad for p in average.network.parameters())
 
 

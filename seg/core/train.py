@@ -160,7 +160,8 @@ class TrainingLoop:
         module = getattr(self.module, "module", self.module)  # unwrap DistributedDataParallel
         weights = {"model": module.state_dict()}
         if self.average is not None:
-            weights = {"model": self.average.state_dict(), "training_model": weights["model"]}
+            weights = {"model": self.average.state_dict(), "training_model": weights["model"],
+                       "average_updates": self.average.updates}
         return {
             **self.meta,
             **weights,
@@ -194,6 +195,7 @@ class TrainingLoop:
             module.load_state_dict(state.get("training_model", state["model"]))
             if self.average is not None:
                 self.average.load_state_dict(state["model"])
+                self.average.updates = int(state.get("average_updates", 0))
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: does not fit this model ({str(exc).splitlines()[0]})") from None
         self.optimizer.load_state_dict(state["optimizer"])
