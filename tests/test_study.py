@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import seg.core.study as study_module
-from seg.core.report import adrenal_verdict, last_quarter_gain, organ_table, seed_markdown
+from seg.core.report import adrenal_verdict, history_noise, last_quarter_gain, organ_table, seed_markdown
 from seg.core.config import load_experiment
 from seg.core.errors import ConfigError, SegError
 from seg.core.finetune import training_and_validation
@@ -516,9 +516,21 @@ def test_last_quarter_gain_is_the_rise_of_the_best_validation_score(tmp_path):
     assert last_quarter_gain(run) is None
 
 
+def test_validation_noise_is_the_mean_step_between_late_validations():
+    """Ten epochs, validated every epoch: the second half (epochs 6-10) scores 0.70, 0.74, 0.71, 0.71, 0.75, so
+    the steps are 0.04, 0.03, 0, 0.04 and their mean 0.0275; the early climb (epochs 1-5) does not count."""
+    scores = (0.1, 0.3, 0.5, 0.6, 0.65, 0.70, 0.74, 0.71, 0.71, 0.75)
+    history = [{"epoch": e, "val_mean_dice": v} for e, v in enumerate(scores, 1)]
+    history[2]["val_mean_dice"] = None  # a skipped validation is not a score
+    assert history_noise(history) == pytest.approx(0.0275)
+    assert history_noise(history[:9] + [{"epoch": 10, "loss": 1.0}]) == pytest.approx((0.04 + 0.03 + 0) / 3)
+    assert history_noise([{"epoch": 1, "val_mean_dice": 0.5}, {"epoch": 2, "val_mean_dice": 0.6}]) is None
+
+
 def test_per_run_table_counts_converged_runs_and_training_compute(tmp_path):
     """Two fine-tuning runs from one shared pretraining: one converged (+0.5 points), one not (+2.0), 1800 and
-    5400 training CPU-s; the pretraining (3600 CPU-s) is counted once."""
+    5400 training CPU-s; the pretraining (3600 CPU-s) is counted once. Validation noise over epochs 5-8 (scores
+    at 6 and 8): 5.5 and 7.0 points."""
     def run_folder(name, cpu, scores):
         folder = tmp_path / name
         history = [{"epoch": e, "train_cpu_s": cpu * e / 8} for e in range(1, 9)]
@@ -535,7 +547,7 @@ def test_per_run_table_counts_converged_runs_and_training_compute(tmp_path):
     runs = [StudyRun("pre", 0, run_folder("a", 1800.0, (0.5, 0.6, 0.55, 0.605)), scores, "pcrl", 1, init=pretraining),
             StudyRun("pre", 1, run_folder("b", 5400.0, (0.5, 0.6, 0.55, 0.62)), scores, "pcrl", 1, init=pretraining)]
     text = seed_markdown(runs)
-    assert "| +0.5 | 1800 |" in text and "| +2.0 (not converged) | 5400 |" in text
+    assert "| +0.5 | 5.50 | 1800 |" in text and "| +2.0 (not converged) | 7.00 | 5400 |" in text
     assert ("Converged: 1 of 2 fine-tuning runs with a validation curve; largest last-quarter gain of the others "
-            "+2.0 points. Training compute: 2.00 CPU-hours of fine-tuning over 2 runs (median 3600 CPU-s), 1.00 "
+            "+2.0 points. Validation noise: median 6.25 points (range 5.50-7.00). Training compute: 2.00 CPU-hours of fine-tuning over 2 runs (median 3600 CPU-s), 1.00 "
             "CPU-hours of pretraining over 1 runs (each shared run counted once).") in text

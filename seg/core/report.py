@@ -99,20 +99,33 @@ def history_gain(history: list[dict]) -> float | None:
     return max(after) - max(before) if before and after else None
 
 
+def history_noise(history: list[dict]) -> float | None:
+    """How much a run's validation mean Dice moves from one validation to the next once it has levelled off: the
+    mean absolute change between consecutive validations in the second half of the epochs (None with fewer than
+    two there). Weight averaging (``finetune.ema``) exists to make this small."""
+    late = [r["val_mean_dice"] for r in history
+            if r.get("val_mean_dice") is not None and r["epoch"] > 0.5 * max(x["epoch"] for x in history)]
+    return sum(abs(b - a) for a, b in zip(late, late[1:])) / (len(late) - 1) if len(late) > 1 else None
+
+
 def training_cpu_seconds(run_dir: Path) -> float | None:
     """The training CPU-seconds a stage's run folder spent (its last ``train_cpu_s``; None if it has none)."""
     history = _history(run_dir)
     return float(history[-1]["train_cpu_s"]) if history and "train_cpu_s" in history[-1] else None
 
 
-def _compute_summary(runs, gains: list, cpus: list) -> str:
-    """How many fine-tuning runs converged (``gains``), and the training compute of the study (``cpus`` of the
-    fine-tuning runs; each shared pretraining run read and counted once)."""
+def _compute_summary(runs, gains: list, noises: list, cpus: list) -> str:
+    """How many fine-tuning runs converged (``gains``), their median validation noise (``noises``), and the
+    training compute of the study (``cpus`` of the fine-tuning runs; each shared pretraining run counted once)."""
     measured = [g for g in gains if g is not None]
     open_runs = [g for g in measured if g >= CONVERGED]
     text = (f"Converged: {len(measured) - len(open_runs)} of {len(measured)} fine-tuning runs with a validation "
             f"curve" + (f"; largest last-quarter gain of the others {100 * max(open_runs):+.1f} points" if open_runs
                         else "") + ". ")
+    noise = [n for n in noises if n is not None]
+    if noise:
+        text += (f"Validation noise: median {100 * statistics.median(noise):.2f} points (range "
+                 f"{100 * min(noise):.2f}-{100 * max(noise):.2f}). ")
     finetune = [c for c in cpus if c is not None]
     pretrain = [c for c in (training_cpu_seconds(p) for p in dict.fromkeys(r.init for r in runs if r.init))
                 if c is not None]
@@ -127,26 +140,29 @@ def _compute_summary(runs, gains: list, cpus: list) -> str:
 def seed_markdown(runs) -> str:
     """The per-run table: scores, convergence and training CPU-s of every run, then the study's totals."""
     lines = ["| experiment | pretraining | pretraining seed | seed | labeled cases | mean DSC | mean NSD | adrenal DSC "
-             "| validation gain, last quarter | training CPU-s |", "|---" * 10 + "|"]
+             "| validation gain, last quarter | validation noise | training CPU-s |", "|---" * 11 + "|"]
     gains = [last_quarter_gain(r) for r in runs]
+    noises = [history_noise(_history(r.folder / "finetune")) for r in runs]
     cpus = [training_cpu_seconds(r.folder / "finetune") for r in runs]
-    for r, gain, cpu in zip(runs, gains, cpus):
+    for r, gain, noise, cpu in zip(runs, gains, noises, cpus):
         flag = "" if gain is None or gain < CONVERGED else " (not converged)"
         lines.append(f"| {r.experiment} | {r.pretrain or 'none'} | {'-' if r.pretrain_seed is None else r.pretrain_seed}"
                      f" | {r.seed} | {r.labels or 'all'} | {100 * _overall(r, 'dsc'):.1f} | {100 * _overall(r, 'nsd'):.1f}"
                      f" | {100 * _adrenal(r):.1f} | {'-' if gain is None else f'{100 * gain:+.1f}'}{flag} | "
-                     f"{'-' if cpu is None else f'{cpu:.0f}'} |")
+                     f"{'-' if noise is None else f'{100 * noise:.2f}'} | {'-' if cpu is None else f'{cpu:.0f}'} |")
     for name in dict.fromkeys(map(_group, runs)):
         mine = [r for r in runs if _group(r) == name]
         if len(mine) > 1:
             cells = [_mean_std([f(r) for r in mine]) for f in
                      (lambda r: _overall(r, "dsc"), lambda r: _overall(r, "nsd"), _adrenal)]
             lines.append(f"| **{name}** | | | | mean ± sd | " + " | ".join(f"{100 * m:.1f} ± {100 * s:.1f}"
-                                                                           for m, s in cells) + " | | |")
+                                                                           for m, s in cells) + " | | | |")
     return "\n".join(lines) + (f"\n\nValidation gain: the best validation mean Dice (points) after 3/4 of the "
                                f"epochs minus the best before (figures/curves.png marks the last quarter); a run gaining "
-                               f"{100 * CONVERGED:.0f} point or more is marked not converged. Training CPU-s: the "
-                               f"fine-tuning steps' process CPU time (validation excluded).\n\n" + _compute_summary(runs, gains, cpus))
+                               f"{100 * CONVERGED:.0f} point or more is marked not converged. Validation noise: the mean "
+                               f"change (points) from one validation to the next over the second half of the epochs. "
+                               f"Training CPU-s: the fine-tuning steps' process CPU time (validation excluded).\n\n"
+                               + _compute_summary(runs, gains, noises, cpus))
 
 
 def adrenal_verdict(runs) -> str:
