@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from seg.core.report import history_gain
+from seg.core.convergence import history_gain
 
 LARGE = {"liver": 1, "right_kidney": 2, "spleen": 3, "stomach": 11, "left_kidney": 13}
 SMALL = {"right_adrenal_gland": 7, "left_adrenal_gland": 8, "gallbladder": 9, "esophagus": 10, "pancreas": 4,

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 
 import seg.core.study as study_module
-from seg.core.report import adrenal_verdict, history_noise, last_quarter_gain, organ_table, seed_markdown
 from seg.core.config import load_experiment
+from seg.core.convergence import history_noise, last_quarter_gain
 from seg.core.errors import ConfigError, SegError
 from seg.core.finetune import training_and_validation
+from seg.core.report import adrenal_verdict, seed_markdown
 from seg.core.study import (StudyRun, bootstrap_interval, experiment_overrides, label_subsets, paired_differences,
                             resolve_experiments, run_study, validation_cases, verdict)
+from seg.core.study_scores import organ_table
 from seg.core.synth import write_synthetic_dataset
 from seg.core.train import LATEST
 from tests.reliability.conftest import assert_one_line_error, seg_cli
@@ -508,11 +510,11 @@ def test_last_quarter_gain_is_the_rise_of_the_best_validation_score(tmp_path):
     history[6]["val_mean_dice"] = 0.58  # epoch 7
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "metrics.json").write_text(json.dumps(history))
-    run = StudyRun("e", 0, tmp_path, {})
+    run = tmp_path / "finetune"
     assert last_quarter_gain(run) == pytest.approx(0.005)
-    (tmp_path / "finetune" / "metrics.json").write_text(json.dumps(history[:6]))  # nothing after the mark (4.5)
+    (run / "metrics.json").write_text(json.dumps(history[:6]))  # nothing after the mark (4.5)
     assert last_quarter_gain(run) == pytest.approx(0.55 - 0.60)
-    (tmp_path / "finetune" / "metrics.json").write_text(json.dumps([{"epoch": 1, "loss": 1.0}]))
+    (run / "metrics.json").write_text(json.dumps([{"epoch": 1, "loss": 1.0}]))
     assert last_quarter_gain(run) is None
 
 
