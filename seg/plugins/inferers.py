@@ -22,7 +22,9 @@ by at most half a window are merged into runs; the run with the most foreground 
 ``roi_margin`` slices (default half a window) on each side and to at least one window, is run with the full
 overlap; every other slice is background. No foreground at all falls back to the full run. Failure modes:
 an organ part farther than the margin from what the coarse pass found is lost (a network that misses organ
-tips at the coarse scale); a coarse false-positive run with more voxels than the true abdomen wins.
+tips at the coarse scale); a coarse false-positive run with more voxels than the true abdomen wins; organs
+that run the length of the scan (aorta, IVC, esophagus) keep every slice, and the coarse pass then only adds
+its own cost (measured: docs/benchmarks.md, Coarse ROI).
 
 ``mirror`` (both inferers; beyond the paper, off by default): test-time mirroring as in nnU-Net v1. Every
 network evaluation (each window, the coarse pass too) becomes the mean of the softmax probabilities of the
