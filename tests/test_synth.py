@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from seg.core import synth
+from seg.core import phantom, synth
 from seg.core.check import check_dataset
 from seg.core.dataset import FLARE22_LABELS, open_dataset
 from seg.core.errors import ConfigError, DataError
@@ -149,7 +149,7 @@ def test_directions_cover_what_ct_files_use():
 def test_smooth_field_matches_a_dense_evaluation():
     rng = np.random.default_rng(1)
     xs, ys, zs = np.linspace(-50, 50, 9), np.linspace(-40, 40, 7), np.linspace(0, 60, 5)
-    field = synth._Field(rng, (xs[0], ys[0], zs[0]), (xs[-1], ys[-1], zs[-1]), 10.0)
+    field = phantom.SmoothField(rng, (xs[0], ys[0], zs[0]), (xs[-1], ys[-1], zs[-1]), 10.0)
     sampled = field.sample(xs, ys, zs)
     gx, gy, gz = field.lattice
     for k, j, i in ((0, 0, 0), (2, 3, 4), (4, 6, 8)):
@@ -161,8 +161,8 @@ def test_smooth_field_matches_a_dense_evaluation():
 
 def test_full_size_grid_is_512_at_sub_millimetre_spacing():
     rng = np.random.default_rng(0)
-    phantom = synth._Phantom(rng)
-    xs, ys, zs, spacing, thickness = synth._grid(rng, "full", True, phantom)
+    body = phantom.Phantom(rng)
+    xs, ys, zs, spacing, thickness = synth._grid(rng, "full", True, body)
     assert len(xs) == len(ys) == 512 and 0.7 <= spacing <= 0.9 and 1.5 <= thickness <= 5.0
 
 
@@ -205,7 +205,7 @@ def test_held_out_test_phantoms_do_not_depend_on_the_training_counts(tmp_path):
 def test_gaussian_blur_matches_scipy():
     """The phantom's partial-volume blur is scipy's gaussian_filter (mode "nearest") without scipy at runtime."""
     ndimage = pytest.importorskip("scipy.ndimage")
-    from seg.core.synth import gaussian_blur
+    from seg.core.phantom import gaussian_blur
 
     array = np.random.default_rng(0).normal(0, 300, (7, 9, 11)).astype(np.float32)
     for sigma in (0.45, 1.3):

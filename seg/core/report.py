@@ -58,8 +58,9 @@ def seed_markdown(runs) -> str:
     cpus = [training_cpu_seconds(r.folder / "finetune") for r in runs]
     for r, gain, noise, cpu in zip(runs, gains, noises, cpus):
         flag = "" if gain is None or gain < CONVERGED else " (not converged)"
+        dsc, nsd = 100 * overall_score(r, "dsc"), 100 * overall_score(r, "nsd")
         lines.append(f"| {r.experiment} | {r.pretrain or 'none'} | {'-' if r.pretrain_seed is None else r.pretrain_seed}"
-                     f" | {r.seed} | {r.labels or 'all'} | {100 * overall_score(r, 'dsc'):.1f} | {100 * overall_score(r, 'nsd'):.1f}"
+                     f" | {r.seed} | {r.labels or 'all'} | {dsc:.1f} | {nsd:.1f}"
                      f" | {100 * adrenal_dsc(r):.1f} | {'-' if gain is None else f'{100 * gain:+.1f}'}{flag} | "
                      f"{'-' if noise is None else f'{100 * noise:.2f}'} | {'-' if cpu is None else f'{cpu:.0f}'} |")
     for name in dict.fromkeys(map(group_name, runs)):
@@ -136,7 +137,8 @@ def _paired_markdown(table: list[dict]) -> str:
     organs = list(dict.fromkeys(r["organs"] for r in table if r["organs"] not in ("mean", "small organs",
                                                                                     "adrenal glands")))
     lines += ["", "Per organ (bold: the interval excludes 0):", "",
-              "| experiment | labeled cases | " + " | ".join(map(organ_heading, organs)) + " |", "|---" * (len(organs) + 2) + "|"]
+              "| experiment | labeled cases | " + " | ".join(map(organ_heading, organs)) + " |",
+              "|---" * (len(organs) + 2) + "|"]
     for key in dict.fromkeys((r["experiment"], r["labels"]) for r in table):
         cells = {r["organs"]: r for r in table if (r["experiment"], r["labels"]) == key}
         text = [_interval(c["difference"], c["low"], c["high"], "+") for c in (cells[o] for o in organs)]
