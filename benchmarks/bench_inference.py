@@ -9,7 +9,8 @@ perfectly by construction: this table measures what the coarse pass and the narr
 whether a real network finds the abdomen. ``--model RUN`` measures that with a trained fine-tuning run (such
 as ``seg run finetune -e phantom-scratch-vnet``): a phantom of ``--length`` mm of body (benchmarks/
 bench_predict.py's scans), its preprocessing, both inferers with the run's network; forwarded slices, times,
-the z-range labelled, each one's mean Dice against the phantom's labels and the share of voxels that agree.
+the z-range labelled, each one's mean Dice against the phantom's labels and the share of voxels that agree,
+then the ground truth's z-range and what the full window labels outside it.
 
     python benchmarks/bench_inference.py                 # CPU-sized defaults (a few minutes on 2 cores)
     python benchmarks/bench_inference.py --paper --device cuda  # the paper: 80 x 160 x 160 windows, base 16
@@ -164,6 +165,13 @@ def trained(run: Path, length: int, small: bool, repeat: int) -> None:
         agree = 100 * float((row["labels"] == full["labels"]).double().mean())
         print(f"{label:28} {forwarded:>14} {row['seconds']:8.2f} {row['cpu']:7.2f} {row['cpu'] / full['cpu']:6.2f} "
               f"{row['z']:>9} {mean_dice(row['labels'].numpy(), truth.numpy()):6.3f} {agree:8.3f}")
+    organ = torch.nonzero(truth.flatten(1).amax(1)).flatten()
+    outside = full["labels"].clone()
+    outside[int(organ[0]):int(organ[-1]) + 1] = 0
+    per_slice = (outside > 0).flatten(1).sum(1)
+    print(f"ground truth in slices {int(organ[0])}..{int(organ[-1])} of {truth.shape[0]}; the full window labels "
+          f"{int(per_slice.sum())} voxels outside them, in {int((per_slice > 0).sum())} slices "
+          f"({int(per_slice[per_slice > 0].min()) if per_slice.any() else 0}-{int(per_slice.max())} a slice)")
 
 
 def main() -> None:
