@@ -109,6 +109,11 @@ def long_scan(depth: int, size: int, abdomen: int) -> torch.Tensor:
     return image
 
 
+def labelled_slices(labels: torch.Tensor) -> torch.Tensor:
+    """Indices of the slices (first axis) of a label map that hold any foreground."""
+    return torch.nonzero(labels.flatten(1).amax(1)).flatten()
+
+
 def timed(inferer, network: Recorded, image, device, precision, size: int, repeat: int) -> dict:
     """Best of ``repeat`` runs: seconds, slices forwarded (full resolution, coarse), the labelled z-range,
     peak GPU MiB, the labels."""
@@ -127,7 +132,7 @@ def timed(inferer, network: Recorded, image, device, precision, size: int, repea
     fine = sum(s[0] * s[2] for s in network.shapes if s[-1] >= size)
     coarse = sum(s[0] * s[2] for s in network.shapes if s[-1] < size)
     labels = scores.argmax(0)
-    organ = torch.nonzero(labels.flatten(1).amax(1)).flatten()
+    organ = labelled_slices(labels)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     z_range = f"{int(organ[0])}..{int(organ[-1])}" if organ.numel() else "-"
     return dict(seconds=seconds, cpu=cpu, fine=fine, coarse=coarse, z=z_range, peak=peak, labels=labels)
@@ -165,7 +170,7 @@ def trained(run: Path, length: int, small: bool, repeat: int) -> None:
         agree = 100 * float((row["labels"] == full["labels"]).double().mean())
         print(f"{label:28} {forwarded:>14} {row['seconds']:8.2f} {row['cpu']:7.2f} {row['cpu'] / full['cpu']:6.2f} "
               f"{row['z']:>9} {mean_dice(row['labels'].numpy(), truth.numpy()):6.3f} {agree:8.3f}")
-    organ = torch.nonzero(truth.flatten(1).amax(1)).flatten()
+    organ = labelled_slices(truth)
     outside = full["labels"].clone()
     outside[int(organ[0]):int(organ[-1]) + 1] = 0
     per_slice = (outside > 0).flatten(1).sum(1)

@@ -15,7 +15,7 @@ import pytest
 
 import seg.core.study as study_module
 from seg.core.config import load_experiment
-from seg.core.convergence import history_noise, last_quarter_gain
+from seg.core.convergence import history_gain, history_noise, run_history
 from seg.core.errors import ConfigError, SegError
 from seg.core.finetune import training_and_validation
 from seg.core.report import adrenal_verdict, seed_markdown
@@ -511,11 +511,11 @@ def test_last_quarter_gain_is_the_rise_of_the_best_validation_score(tmp_path):
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "metrics.json").write_text(json.dumps(history))
     run = tmp_path / "finetune"
-    assert last_quarter_gain(run) == pytest.approx(0.005)
+    assert history_gain(run_history(run)) == pytest.approx(0.005)
     (run / "metrics.json").write_text(json.dumps(history[:6]))  # nothing after the mark (4.5)
-    assert last_quarter_gain(run) == pytest.approx(0.55 - 0.60)
+    assert history_gain(run_history(run)) == pytest.approx(0.55 - 0.60)
     (run / "metrics.json").write_text(json.dumps([{"epoch": 1, "loss": 1.0}]))
-    assert last_quarter_gain(run) is None
+    assert history_gain(run_history(run)) is None
 
 
 def test_validation_noise_is_the_mean_step_between_late_validations():

@@ -38,12 +38,6 @@ def history_noise(history: list[dict]) -> float | None:
     return sum(abs(b - a) for a, b in zip(late, late[1:])) / (len(late) - 1) if len(late) > 1 else None
 
 
-def last_quarter_gain(run_dir: Path) -> float | None:
-    """:func:`history_gain` of a fine-tuning run folder."""
-    return history_gain(run_history(run_dir))
-
-
-def training_cpu_seconds(run_dir: Path) -> float | None:
-    """The training CPU-seconds a stage's run folder spent (its last ``train_cpu_s``; None if it has none)."""
-    history = run_history(run_dir)
+def history_cpu_seconds(history: list[dict]) -> float | None:
+    """The training CPU-seconds a run's ``metrics.json`` records (the last ``train_cpu_s``; None if none)."""
     return float(history[-1]["train_cpu_s"]) if history and "train_cpu_s" in history[-1] else None

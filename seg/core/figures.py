@@ -66,10 +66,6 @@ def learning_curves_figure(plt, rows, runs, figures: Path) -> str:
     return "![learning curves](figures/learning_curves.png)\n"
 
 
-def _metric_rows(run_dir: Path, key: str) -> list[dict]:
-    return [r for r in run_history(run_dir) if key in r]
-
-
 def curves_figure(plt, runs, figures: Path) -> str:
     """``figures/curves.png``: pretraining loss and probe Dice, then per label budget the fine-tuning loss and
     validation mean Dice (the last quarter marked); returns its Markdown link."""
@@ -77,18 +73,21 @@ def curves_figure(plt, runs, figures: Path) -> str:
     budgets = label_budgets(runs)
     fig, axes = plt.subplots(1 + len(budgets), 2, figsize=(12, 3.6 * (1 + len(budgets))), squeeze=False)
     for name, seed, folder in pretrained:
+        history = run_history(Path(folder))
         for ax, key in zip(axes[0], ("loss", "probe_dice")):
-            rows = _metric_rows(Path(folder), key)
+            rows = [r for r in history if key in r]
             ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=f"{name} s{seed}", marker=".")
     titles = ["pretraining loss", "probe: validation mean Dice after a short fine-tuning (probe_every)"]
     for row, labels in enumerate(budgets, start=1):
+        epochs = []
         for run in (r for r in runs if r.labels == labels):
+            history = run_history(run.folder / "finetune")
+            epochs += [history[-1]["epoch"]] if history else []
             for ax, key in zip(axes[row], ("loss", "val_mean_dice")):
-                rows = _metric_rows(run.folder / "finetune", key)
+                rows = [r for r in history if key in r]
                 label = f"{run.experiment} s{run.seed}" + ("" if run.pretrain_seed is None or run.labels is None
                                                            else f" p{run.pretrain_seed}")
                 ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=label, marker=".")
-        epochs = [h[-1]["epoch"] for h in (run_history(r.folder / "finetune") for r in runs if r.labels == labels) if h]
         if epochs:  # the last quarter, over which a converged run gains less than CONVERGED
             axes[row][1].axvline(0.75 * max(epochs), color="grey", linestyle="--", linewidth=0.8)
         budget = "every labeled case" if labels is None else f"{labels} labeled case(s)"

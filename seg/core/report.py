@@ -12,7 +12,7 @@ import io
 import statistics
 from pathlib import Path
 
-from seg.core.convergence import CONVERGED, history_noise, last_quarter_gain, run_history, training_cpu_seconds
+from seg.core.convergence import CONVERGED, history_cpu_seconds, history_gain, history_noise, run_history
 from seg.core.figures import curves_figure, learning_curves_figure, organ_bars_figure, overlays, pyplot
 from seg.core.io import write_text
 from seg.core.study_scores import (adrenal_dsc, experiment_names, group_name, learning_curve, mean_std,
@@ -39,7 +39,7 @@ def _compute_summary(runs, gains: list, noises: list, cpus: list) -> str:
         text += (f"Validation noise: median {100 * statistics.median(noise):.2f} points (range "
                  f"{100 * min(noise):.2f}-{100 * max(noise):.2f}). ")
     finetune = [c for c in cpus if c is not None]
-    pretrain = [c for c in (training_cpu_seconds(p) for p in dict.fromkeys(r.init for r in runs if r.init))
+    pretrain = [c for c in (history_cpu_seconds(run_history(p)) for p in dict.fromkeys(r.init for r in runs if r.init))
                 if c is not None]
     if finetune:
         text += (f"Training compute: {sum(finetune) / 3600:.2f} CPU-hours of fine-tuning over {len(finetune)} runs "
@@ -53,9 +53,8 @@ def seed_markdown(runs) -> str:
     """The per-run table: scores, convergence and training CPU-s of every run, then the study's totals."""
     lines = ["| experiment | pretraining | pretraining seed | seed | labeled cases | mean DSC | mean NSD | adrenal DSC "
              "| validation gain, last quarter | validation noise | training CPU-s |", "|---" * 11 + "|"]
-    gains = [last_quarter_gain(r.folder / "finetune") for r in runs]
-    noises = [history_noise(run_history(r.folder / "finetune")) for r in runs]
-    cpus = [training_cpu_seconds(r.folder / "finetune") for r in runs]
+    histories = [run_history(r.folder / "finetune") for r in runs]
+    gains, noises, cpus = ([f(h) for h in histories] for f in (history_gain, history_noise, history_cpu_seconds))
     for r, gain, noise, cpu in zip(runs, gains, noises, cpus):
         flag = "" if gain is None or gain < CONVERGED else " (not converged)"
         dsc, nsd = 100 * overall_score(r, "dsc"), 100 * overall_score(r, "nsd")
